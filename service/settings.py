@@ -1,0 +1,124 @@
+"""The one typed settings object.
+
+Precedence, highest first: command-line flags, ``POINTGATE_<NAME>`` environment variables, the TOML file named
+by ``POINTGATE_CONFIG`` (or ``--config``), defaults. A wrong value fails at start-up with the key's name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from service.errors import ConfigError
+from service.resources import schemas_dir
+
+
+def _default_data_dir() -> Path:
+    # As root the embedded PostgreSQL runs as an unprivileged user, which must be able to reach the data
+    # directory: /root is mode 700, so root's default lives under /var/lib like any system service's.
+    if os.geteuid() == 0:
+        return Path("/var/lib/pointgate")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "pointgate"
+
+
+def parse_bind(value: str, *, default_host: str = "0.0.0.0") -> tuple[str, int]:  # noqa: S104 - devices connect from anywhere
+    """Split ``HOST:PORT`` (``[::1]:1883`` for IPv6, ``:1883`` for all interfaces) into its parts."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return (host.strip("[]") or default_host), int(port)
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Each field is also ``POINTGATE_<FIELD NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="POINTGATE_", extra="forbid", validate_default=True)
+
+    mqtt_bind: str = Field("0.0.0.0:1883", description="plain MQTT listener, HOST:PORT")
+    mqtts_bind: str | None = Field(None, description="TLS MQTT listener, HOST:PORT (needs tls_certfile/keyfile)")
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    tls_client_cafile: Path | None = Field(None, description="CA for client certificates; with it they are required")
+    http_bind: str = Field("127.0.0.1:9100", description="ops endpoint (/livez, /readyz, /metrics), HOST:PORT")
+    database_url: SecretStr | None = Field(None, description="PostgreSQL DSN; unset = embedded server in data_dir")
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    models: Path = Field(default_factory=schemas_dir, description="directory of thing model JSON files")
+    workers: int = Field(1, ge=1, le=64)
+    allow_anonymous: bool = False
+    secret_key_file: Path | None = Field(None, description="key that encrypts device secrets; default in data_dir")
+    max_payload_bytes: int = Field(512 * 1024, ge=1024, le=64 * 1024 * 1024)
+    connect_timeout: float = Field(10.0, gt=0, description="seconds a new connection has to send CONNECT")
+    drain_timeout: float = Field(8.0, gt=0, description="seconds to commit in-flight data on SIGTERM")
+    write_batch_points: int = Field(5000, ge=1, description="most points in one database transaction")
+    embedded_user: str | None = Field(None, description="user that runs the embedded PostgreSQL when root")
+    embedded_port: int | None = Field(None, ge=1, le=65535, description="also expose the embedded DB on 127.0.0.1")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("mqtt_bind", "mqtts_bind", "http_bind")
+    @classmethod
+    def _check_bind(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_bind(value)
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("POINTGATE_CONFIG")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings as plain data, secrets replaced by ``'***'``."""
+        data = self.model_dump(mode="json")
+        if self.database_url is not None:
+            data["database_url"] = _redact_dsn(self.database_url.get_secret_value())
+        return data
+
+
+def _redact_dsn(dsn: str) -> str:
+    # keep host and database visible (they are what an operator checks), hide the password
+    scheme, sep, rest = dsn.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return dsn
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+
+
+def load_settings(overrides: dict[str, Any] | None = None, *, config_file: Path | None = None) -> Settings:
+    """Build the settings, or raise `ConfigError` naming every wrong key and why."""
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file {config_file} does not exist")
+        os.environ["POINTGATE_CONFIG"] = str(config_file)
+    try:
+        return Settings(**{k: v for k, v in (overrides or {}).items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc
