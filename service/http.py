@@ -1,0 +1,112 @@
+"""The ops HTTP endpoint: ``/livez``, ``/readyz`` and ``/metrics`` on a port separate from MQTT.
+
+Kubernetes semantics: ``/livez`` answers 200 as long as the event loop does (a failure means
+"restart me"); ``/readyz`` answers 200 only when every readiness check passes and the service is not
+draining (a failure means "send no new traffic here"), and 503 otherwise, with each check's result in
+a JSON body. Probes read the status code; the body is for the operator.
+
+A check is an ``async`` callable returning ``None`` when healthy or a short reason string. Checks
+run concurrently, each under a timeout, so one hung dependency cannot hang the probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import web
+
+from service import metrics
+from service.logs import get_logger
+
+__all__ = ["Check", "OpsServer"]
+
+Check = Callable[[], Awaitable[str | None]]
+
+_OK = "ok"
+_log = get_logger(__name__)
+
+
+class OpsServer:
+    """An aiohttp server for the ops endpoints; ``port`` holds the bound port once started."""
+
+    def __init__(self, host: str, port: int, checks: Mapping[str, Check], *, check_timeout: float = 1.0) -> None:
+        self.host = host
+        self.port = port
+        self._checks = dict(checks)
+        self._check_timeout = check_timeout
+        self._draining = False
+        self._was_ready: bool | None = None
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        """Bind and serve; with port 0 the OS picks a free port, readable in ``port`` afterwards."""
+        app = web.Application()
+        app.add_routes(
+            [
+                web.get("/livez", self._livez),
+                web.get("/readyz", self._readyz),
+                web.get("/metrics", self._metrics),
+            ]
+        )
+        # No access log: probes and scrapes hit these every few seconds and would drown the real lines.
+        # A short shutdown_timeout: a scrape in flight must not hold up the drain.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self.port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+        _log.info("ops endpoint listening", host=self.host, port=self.port)
+
+    async def stop(self) -> None:
+        """Close the listener and any open connection; safe to call twice or before ``start``."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    def set_draining(self) -> None:
+        """Make ``/readyz`` fail with reason ``draining`` from now on (shutdown has begun)."""
+        self._draining = True
+        metrics.DRAINING.set(1)
+
+    async def _run_check(self, check: Check) -> str:
+        try:
+            async with asyncio.timeout(self._check_timeout):
+                reason = await check()
+        except TimeoutError:
+            return "timeout"
+        except Exception as exc:
+            # A check that raises is a failing check, not a failing probe.
+            return f"error: {type(exc).__name__}: {exc}"
+        return _OK if reason is None else reason
+
+    async def _livez(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        names = list(self._checks)
+        results = await asyncio.gather(*(self._run_check(self._checks[name]) for name in names))
+        checks = dict(zip(names, results, strict=True))
+        if self._draining:
+            checks["draining"] = "draining"
+        ready = all(result == _OK for result in checks.values())
+        if ready != self._was_ready:
+            # One line per change of state, not one per probe.
+            failing = {name: result for name, result in checks.items() if result != _OK}
+            if ready:
+                _log.info("ready")
+            else:
+                _log.warning("not ready", failing=failing)
+            self._was_ready = ready
+        if ready:
+            return web.json_response({"status": "ready", "checks": checks})
+        return web.json_response({"status": "not ready", "checks": checks}, status=503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body, content_type = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})

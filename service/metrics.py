@@ -1,0 +1,170 @@
+"""Every Prometheus metric pointgate exports, defined once, on its own registry.
+
+Naming follows the Prometheus guide: one ``pointgate_`` prefix, base units (``_seconds``), ``_total``
+for counters, ``_info`` for build metadata. No label ever holds a product or device id: those are
+unbounded, and per-device detail belongs in the logs (``service.logs``), not in a time series.
+
+``REGISTRY`` is ours rather than prometheus-client's global one, so tests can read exact values and
+nothing a library registers globally leaks onto ``/metrics``. The process and platform collectors
+are added to it explicitly.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from service import __version__
+
+__all__ = [
+    "ACL_ACTIONS",
+    "ACL_DENIALS",
+    "API_NAMES",
+    "AUTH_FAILURES",
+    "AUTH_FAILURE_REASONS",
+    "BUILD_INFO",
+    "CONNECTED_DEVICES",
+    "DRAINING",
+    "MESSAGES",
+    "MESSAGE_OUTCOMES",
+    "MODELS_LOADED",
+    "POINTS_WRITTEN",
+    "REGISTRY",
+    "REPLIES",
+    "WRITE_BATCH_POINTS",
+    "WRITE_ERRORS",
+    "WRITE_ERROR_REASONS",
+    "WRITE_QUEUE_POINTS",
+    "WRITE_SECONDS",
+    "render",
+]
+
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
+# The closed sets of label values; a value outside them is a bug in the caller.
+API_NAMES = ("resume", "resume_batch", "post", "post_batch")
+MESSAGE_OUTCOMES = ("accepted", "rejected", "failed")
+WRITE_ERROR_REASONS = ("connection", "data", "other")
+AUTH_FAILURE_REASONS = (
+    "bad_signature",
+    "unknown_device",
+    "disabled",
+    "malformed",
+    "anonymous_refused",
+    "client_cert_required",
+    "unsupported_secure_mode",
+    "unsupported_sign_method",
+    "unavailable",
+    "will_topic_denied",
+)
+ACL_ACTIONS = ("publish", "subscribe")
+
+# --- messages and replies -------------------------------------------------------------------------
+MESSAGES = Counter(
+    "pointgate_messages_total",
+    "Measurement-point requests handled, by API, outcome (accepted, rejected: the device's fault, "
+    "failed: ours) and the reply code sent.",
+    ["api", "outcome", "code"],
+    registry=REGISTRY,
+)
+REPLIES = Counter(
+    "pointgate_replies_total",
+    "Replies published on _reply topics, by reply code.",
+    ["code"],
+    registry=REGISTRY,
+)
+
+# --- storage --------------------------------------------------------------------------------------
+POINTS_WRITTEN = Counter(
+    "pointgate_points_written_total",
+    "Measurement points committed to PostgreSQL.",
+    registry=REGISTRY,
+)
+WRITE_BATCH_POINTS = Histogram(
+    "pointgate_write_batch_points",
+    "Points per committed write batch.",
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 20000),
+    registry=REGISTRY,
+)
+WRITE_SECONDS = Histogram(
+    "pointgate_write_seconds",
+    "Time to write and commit one batch, in seconds.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    registry=REGISTRY,
+)
+WRITE_ERRORS = Counter(
+    "pointgate_write_errors_total",
+    "Failed write attempts, by reason: connection (retried), data (rejected rows), other.",
+    ["reason"],
+    registry=REGISTRY,
+)
+WRITE_QUEUE_POINTS = Gauge(
+    "pointgate_write_queue_points",
+    "Points accepted from devices and waiting to be committed.",
+    registry=REGISTRY,
+)
+
+# --- devices --------------------------------------------------------------------------------------
+CONNECTED_DEVICES = Gauge(
+    "pointgate_connected_devices",
+    "Devices with an open, authenticated MQTT connection.",
+    registry=REGISTRY,
+)
+AUTH_FAILURES = Counter(
+    "pointgate_auth_failures_total",
+    "Refused MQTT logins, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+ACL_DENIALS = Counter(
+    "pointgate_acl_denials_total",
+    "Publishes and subscriptions refused because the topic is not the device's own, by action.",
+    ["action"],
+    registry=REGISTRY,
+)
+
+# --- service state --------------------------------------------------------------------------------
+MODELS_LOADED = Gauge(
+    "pointgate_models_loaded",
+    "Thing models compiled and in use.",
+    registry=REGISTRY,
+)
+BUILD_INFO = Gauge(
+    "pointgate_build_info",
+    "Always 1; the version label says which pointgate is running.",
+    ["version"],
+    registry=REGISTRY,
+)
+DRAINING = Gauge(
+    "pointgate_draining",
+    "1 once shutdown has begun and the service is draining, else 0.",
+    registry=REGISTRY,
+)
+
+BUILD_INFO.labels(version=__version__).set(1)
+# Known label values start at 0, so rate() and absent() work before the first event.
+for _reason in AUTH_FAILURE_REASONS:
+    AUTH_FAILURES.labels(reason=_reason)
+for _reason in WRITE_ERROR_REASONS:
+    WRITE_ERRORS.labels(reason=_reason)
+for _action in ACL_ACTIONS:
+    ACL_DENIALS.labels(action=_action)
+
+
+def render() -> tuple[bytes, str]:
+    """The body and Content-Type of a ``/metrics`` response (Prometheus text format)."""
+    # generate_latest writes the classic text format; announce it as 0.0.4, which every Prometheus
+    # and every scraper understands (our names need none of the 1.0.0 escaping).
+    return generate_latest(REGISTRY), CONTENT_TYPE_PLAIN_0_0_4
