@@ -1,0 +1,222 @@
+"""The composition root: start-up order, readiness, and the drain on shutdown, top to bottom.
+
+Start-up: thing models (refuse to start on a bad one) → database (embedded or the operator's) → migrations →
+writer → broker listeners → ops endpoint. The database may be down at start: the service starts anyway,
+keeps devices connected, answers no 200, and catches up by itself when PostgreSQL returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from service import __version__, metrics
+from service.auth import DeviceAuthenticator
+from service.broker.config import broker_config
+from service.broker.ingest import Ingest
+from service.broker.overrides import PointgateBroker
+from service.database import database_dsn
+from service.http import OpsServer
+from service.logs import get_logger
+from service.resources import migrations_dir
+from service.secretbox import SecretBox, key_path, load_or_create_key
+from service.settings import Settings, parse_bind
+from service.storage.migrate import apply_migrations, pending_migrations
+from service.storage.writer import PointWriter
+from service.thingmodel import ThingModel, load_models
+
+log = get_logger("pointgate")
+
+HANDLED_SIGNALS = (
+    signal.SIGINT,  # Ctrl+C
+    signal.SIGTERM,  # docker stop, kill, Kubernetes
+)
+_DB_RETRY_SECONDS = 1.0
+
+
+@dataclass
+class _State:
+    """What readiness looks at."""
+
+    models: dict[str, ThingModel]
+    migrated: bool = False
+    draining: bool = False
+    problems: dict[str, str] = field(default_factory=dict)
+
+
+class Service:
+    """pointgate assembled: `start` brings it up, `stop` drains it. `serve` adds the signal handling."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stack = contextlib.AsyncExitStack()
+        self.state: _State | None = None
+        self.broker: PointgateBroker | None = None
+        self.writer: PointWriter | None = None
+        self.ops: OpsServer | None = None
+        self.dsn = ""
+        self._pool: asyncpg.Pool | None = None
+        self._migrator: asyncio.Task[None] | None = None
+
+    @property
+    def mqtt_port(self) -> int:
+        """The plain MQTT listener's real port (useful with port 0)."""
+        return self._port("default")
+
+    @property
+    def mqtts_port(self) -> int:
+        """The TLS listener's real port."""
+        return self._port("tls")
+
+    def _port(self, listener: str) -> int:
+        assert self.broker is not None
+        port: int = self.broker._servers[listener].instance.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self) -> None:
+        """Start everything, in dependency order."""
+        settings = self.settings
+        models = load_models(settings.models)  # a malformed model stops start-up here (ModelError)
+        metrics.MODELS_LOADED.set(len(models))
+        self.state = state = _State(models)
+        box = SecretBox(load_or_create_key(key_path(settings)))
+        config = broker_config(settings)  # refuses a bad TLS setup before anything is started
+
+        self.dsn = dsn = await self._stack.enter_async_context(database_dsn(settings))
+        self._pool = pool = await asyncpg.create_pool(dsn, min_size=0, max_size=2, timeout=5)
+        self.writer = writer = PointWriter(dsn, batch_points=settings.write_batch_points)
+        self.broker = broker = PointgateBroker(
+            config,
+            connect_timeout=settings.connect_timeout,
+            max_packet_bytes=settings.max_payload_bytes + 65539,
+        )
+        broker.authenticator = DeviceAuthenticator(pool, box, allow_anonymous=settings.allow_anonymous)  # type: ignore[attr-defined]
+        broker.ingest = Ingest(broker, writer, models, max_payload_bytes=settings.max_payload_bytes)
+        self._migrator = asyncio.create_task(_migrate_when_reachable(dsn, state))
+        writer.start()
+        await broker.start()
+
+        async def database_check() -> str | None:
+            async with pool.acquire(timeout=1) as conn:
+                await conn.fetchval("SELECT 1")
+            return None
+
+        async def migrations_check() -> str | None:
+            return None if state.migrated else state.problems.get("migrations", "migrations not applied yet")
+
+        async def models_check() -> str | None:
+            return None if state.models else "no thing models loaded"
+
+        host, port = parse_bind(settings.http_bind, default_host="127.0.0.1")
+        self.ops = ops = OpsServer(host, port, {"database": database_check, "migrations": migrations_check, "models": models_check})
+        await ops.start()
+        log.info(
+            "pointgate started",
+            version=__version__,
+            mqtt=f"{parse_bind(settings.mqtt_bind)[0]}:{self.mqtt_port}",
+            mqtts=settings.mqtts_bind,
+            http=f"{host}:{ops.port}",
+            database="embedded" if settings.database_url is None else "external",
+            psql=f"psql '{dsn}'" if settings.database_url is None else None,
+            models=len(models),
+            anonymous=settings.allow_anonymous,
+        )
+
+    async def stop(self) -> None:
+        """Drain and stop, in order; each step says why it is where it is."""
+        assert self.broker is not None and self.writer is not None and self.ops is not None and self.state is not None
+        broker, writer, ops = self.broker, self.writer, self.ops
+        # 1. Readiness goes false first, so load balancers stop sending new devices here.
+        self.state.draining = True
+        ops.set_draining()
+        log.info("draining", deadline_s=self.settings.drain_timeout)
+        # 2. Stop accepting connections; connected devices stay until their data is answered.
+        for server in broker._servers.values():
+            instance = getattr(server, "instance", None)
+            if instance is not None:
+                instance.close()
+        # 3. Commit what is queued; its replies and PUBACKs go out as each commit lands.
+        if not await writer.drain(self.settings.drain_timeout):
+            log.warning("drain deadline passed; unanswered data stays with the devices", points=writer.queued_points)
+        # 4. Let the replies those commits queued reach the devices before their connections close.
+        await _flush_replies(broker, deadline=1.0)
+        # 5. Close device connections and the broker.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(broker.shutdown(), 5)
+        # 6. The database last: migrations task, writer, login pool, then the embedded server.
+        if self._migrator is not None:
+            self._migrator.cancel()
+        await writer.close()
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), 2)
+        await ops.stop()
+        await self._stack.aclose()
+        log.info("pointgate stopped")
+
+
+async def serve(settings: Settings) -> int:
+    """Run pointgate until SIGTERM/SIGINT; return the process exit code."""
+    service = Service(settings)
+    stop = _install_signal_handlers()
+    try:
+        await service.start()
+    except BaseException:
+        await service._stack.aclose()
+        raise
+    await stop.wait()
+    await service.stop()
+    return 0
+
+
+async def _migrate_when_reachable(dsn: str, state: _State) -> None:
+    # the database may still be starting (compose) or down: keep trying, readiness says why meanwhile
+    while True:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=5)
+            try:
+                applied = await apply_migrations(conn, migrations_dir())
+                if await pending_migrations(conn, migrations_dir()):
+                    raise RuntimeError("migrations still pending after applying")
+            finally:
+                await conn.close()
+            for migration in applied:
+                log.info("migration applied", version=migration.version, name=migration.name)
+            state.migrated = True
+            state.problems.pop("migrations", None)
+            return
+        except Exception as exc:
+            state.problems["migrations"] = f"migrations not applied: {exc or type(exc).__name__}"
+            log.warning("database not ready, retrying", error=str(exc) or type(exc).__name__)
+            await asyncio.sleep(_DB_RETRY_SECONDS)
+
+
+def _install_signal_handlers() -> asyncio.Event:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            # a second signal: the operator wants out now, drain or not
+            log.warning("second signal, exiting immediately", signal=sig.name)
+            os._exit(1)
+        log.info("signal received", signal=sig.name)
+        stop.set()
+
+    for sig in HANDLED_SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
+    return stop
+
+
+async def _flush_replies(broker: PointgateBroker, *, deadline: float) -> None:
+    end = asyncio.get_running_loop().time() + deadline
+    while asyncio.get_running_loop().time() < end:
+        pending = [task for task in broker._tasks_queue if not task.done()]
+        if broker._broadcast_queue.empty() and not pending:
+            return
+        await asyncio.sleep(0.01)

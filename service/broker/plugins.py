@@ -1,0 +1,54 @@
+"""Our amqtt plugins: the device login check, through amqtt's own auth-plugin API.
+
+Login happens once per connection, so amqtt's plugin dispatch (a task per plugin) costs nothing that matters
+here; per-message work (ACL, ingest) is called directly by the broker instead (overrides.py, B9).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from amqtt.plugins.base import BaseAuthPlugin
+from amqtt.session import Session
+
+from service import metrics
+
+
+class LoginResult(Protocol):
+    """What an authenticator answers (service.auth.AuthResult)."""
+
+    ok: bool
+    product_key: str | None
+    device_key: str | None
+    reason: str | None
+
+
+class Authenticator(Protocol):
+    """Checks CONNECT credentials (service.auth.DeviceAuthenticator)."""
+
+    async def authenticate(self, client_id: str | None, username: str | None, password: str | None) -> Any:
+        """Return a `LoginResult`."""
+
+
+class DeviceAuthPlugin(BaseAuthPlugin):
+    """Accepts a CONNECT only if the broker's authenticator does; records the device on the session."""
+
+    @dataclass
+    class Config:
+        """No options: the authenticator is owned by the composition root and hung on the broker."""
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        """amqtt's hook: True lets the device in (CONNACK 0), False refuses it (CONNACK 5)."""
+        authenticator: Authenticator | None = getattr(self.context._broker_instance, "authenticator", None)
+        if authenticator is None:
+            metrics.AUTH_FAILURES.labels(reason="unavailable").inc()
+            return False
+        result: LoginResult = await authenticator.authenticate(session.client_id, session.username, session.password)
+        if not result.ok:
+            metrics.AUTH_FAILURES.labels(reason=result.reason or "refused").inc()
+            session.attributes.pop("device", None)
+            return False
+        if result.product_key and result.device_key:
+            session.attributes["device"] = (result.product_key, result.device_key)
+        return True

@@ -1,0 +1,152 @@
+"""Payload bytes → a `Request`: the EnOS envelope checked field by field, before any thing model is consulted.
+
+Every refusal is a `DeviceFault` with the code EnOS uses for it (reference/enos-protocol.md §4–§6) and, when
+the payload had one, the request ``id`` so the reply can echo it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from service.errors import DeviceFault, ReplyCode
+from service.topics import RequestTopic
+
+VERSIONS = frozenset({"1.0", "1.1"})
+# timestamptz holds far more, but a device clock outside years 1970..9999 is a bug, not data
+MAX_TIME_MS = 253_402_300_799_999
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One device's points at one time."""
+
+    product_key: str
+    device_key: str
+    time_ms: int
+    measurepoints: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A decoded measurement-point request."""
+
+    id: Any  # as sent: echoed verbatim in the reply
+    items: list[Item]
+    skip_invalid: bool = False
+    allow_offline_sub_device: bool = False
+
+
+def decode(payload: bytes, topic: RequestTopic, *, received_ms: int, max_bytes: int) -> Request:
+    """Check the envelope of ``payload`` published on ``topic``; raise `DeviceFault` on the first problem."""
+    if not payload:
+        raise DeviceFault(ReplyCode.PAYLOAD_EMPTY)
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        body, error = None, exc
+    else:
+        error = None
+    if len(payload) > max_bytes:
+        # it was read anyway (it fit in a packet), so the reply can still echo its id
+        request_id = body.get("id") if isinstance(body, dict) else None
+        raise DeviceFault(
+            ReplyCode.MESSAGE_TOO_LARGE, f"payload is {len(payload)} bytes, at most {max_bytes}", request_id=request_id
+        )
+    if error is not None:
+        raise DeviceFault(ReplyCode.PAYLOAD_FORMAT_ERROR, f"payload is not valid JSON ({error})")
+    if not isinstance(body, dict):
+        raise DeviceFault(ReplyCode.PAYLOAD_FORMAT_ERROR, "payload is not a JSON object")
+
+    request_id = body.get("id")
+
+    def refuse(code: ReplyCode, detail: str) -> DeviceFault:
+        return DeviceFault(code, detail, request_id=request_id)
+
+    if request_id is not None and (not isinstance(request_id, str | int) or isinstance(request_id, bool)):
+        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"id must be a string, got {_json_type(request_id)}")
+    version = body.get("version")
+    if version is not None and version not in VERSIONS:
+        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"version must be \"1.0\" or \"1.1\", got {_show(version)}")
+    method = body.get("method")
+    if not isinstance(method, str):
+        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"method must be a string, got {_json_type(method)}")
+    if method != topic.method:
+        raise refuse(ReplyCode.METHOD_MISMATCH, f"method {method!r} does not match topic, expected {topic.method!r}")
+
+    params = body.get("params")
+    if not topic.batch:
+        if not isinstance(params, dict):
+            raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"params must be an object, got {_json_type(params)}")
+        item = _item(params, topic, received_ms, "params", ReplyCode.PAYLOAD_FORMAT_ERROR, request_id)
+        return Request(request_id, [item])
+
+    code = ReplyCode.BATCH_FORMAT_ERROR
+    if not isinstance(params, list):
+        raise refuse(code, f"params must be an array, got {_json_type(params)}")
+    items = []
+    for index, entry in enumerate(params):
+        where = f"params[{index}]"
+        if not isinstance(entry, dict):
+            raise refuse(code, f"{where} must be an object, got {_json_type(entry)}")
+        items.append(_item(entry, topic, received_ms, where, code, request_id))
+    return Request(
+        request_id,
+        items,
+        skip_invalid=_flag(body, "skipInvalidMeasurepoints", request_id),
+        allow_offline_sub_device=_flag(body, "allowOfflineSubDevice", request_id),
+    )
+
+
+def _item(
+    entry: dict[str, Any], topic: RequestTopic, received_ms: int, where: str, code: ReplyCode, request_id: Any
+) -> Item:
+    points = entry.get("measurepoints")
+    if not isinstance(points, dict):
+        raise DeviceFault(code, f"{where}.measurepoints must be an object, got {_json_type(points)}", request_id=request_id)
+    time_ms = entry.get("time")
+    if time_ms is None:
+        time_ms = received_ms
+    elif not isinstance(time_ms, int) or isinstance(time_ms, bool):
+        raise DeviceFault(code, f"{where}.time must be integer milliseconds, got {_show(time_ms)}", request_id=request_id)
+    elif not 0 <= time_ms <= MAX_TIME_MS:
+        raise DeviceFault(code, f"{where}.time {time_ms} is out of range", request_id=request_id)
+    keys = []
+    for field, own in (("productKey", topic.product_key), ("deviceKey", topic.device_key)):
+        value = entry.get(field) if topic.batch else None
+        if value is None or value == "":
+            keys.append(own)  # empty or missing names the publishing device (the Python SDK sends "")
+        elif isinstance(value, str):
+            keys.append(value)
+        else:
+            raise DeviceFault(code, f"{where}.{field} must be a string, got {_json_type(value)}", request_id=request_id)
+    return Item(keys[0], keys[1], time_ms, points)
+
+
+def _flag(body: dict[str, Any], name: str, request_id: Any) -> bool:
+    # missing, "" and false all mean false: the Python SDK sends "" for an unset flag
+    value = body.get(name)
+    if value is None or value == "" or value is False:
+        return False
+    if value is True:
+        return True
+    raise DeviceFault(ReplyCode.BATCH_FORMAT_ERROR, f"{name} must be true or false, got {_show(value)}", request_id=request_id)
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _show(value: object) -> str:
+    text = orjson.dumps(value).decode()
+    return text if len(text) <= 40 else text[:37] + "..."

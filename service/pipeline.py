@@ -1,0 +1,122 @@
+"""One request, start to decision: topic → envelope → thing model → rows, or a refusal with its reply code.
+
+Pure: no sockets, no database. The broker layer feeds it a PUBLISH and gets back an `Outcome`; the writer
+stores `Outcome.rows` and only then is the 200 reply sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from service.envelope import Item, decode
+from service.errors import DeviceFault, ReplyCode
+from service.thingmodel import PointIssue, ThingModel
+from service.topics import RequestTopic
+
+# a reply names every failing point, but a message with 5 000 bad points must not become a 200 KB reply
+MAX_ISSUES_IN_REPLY = 50
+
+SubDeviceCheck = Callable[[tuple[str, str], tuple[str, str]], bool]
+"""(gateway, sub-device) → may this gateway write the sub-device's points?"""
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One point to store."""
+
+    product_key: str
+    device_key: str
+    point: str
+    time_ms: int
+    value: Any
+    quality: int | None
+    received_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What to store and what to answer."""
+
+    request_id: Any
+    code: ReplyCode
+    message: str = ""
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> bool:
+        """True when the rows must be committed before the (200) reply goes out."""
+        return self.code is ReplyCode.OK
+
+    def reply(self) -> bytes:
+        """The reply payload: ``id`` echoed as sent, integer ``code``, ``message``, and always ``data``."""
+        return encode_reply(self.request_id, self.code, self.message)
+
+
+def encode_reply(request_id: Any, code: ReplyCode, message: str) -> bytes:
+    """Serialise a reply the way every official SDK can parse it (reference/enos-protocol.md §5)."""
+    return orjson.dumps({"id": request_id, "code": int(code), "message": message, "data": {}})
+
+
+def allow_all_sub_devices(gateway: tuple[str, str], sub_device: tuple[str, str]) -> bool:
+    """Sub-device policy when there is no registry to consult (anonymous mode)."""
+    return True
+
+
+def handle(
+    topic: RequestTopic,
+    payload: bytes,
+    *,
+    models: Mapping[str, ThingModel],
+    received_ms: int,
+    max_bytes: int,
+    sub_device_ok: SubDeviceCheck = allow_all_sub_devices,
+) -> Outcome:
+    """Decide what a request on ``topic`` becomes."""
+    try:
+        request = decode(payload, topic, received_ms=received_ms, max_bytes=max_bytes)
+    except DeviceFault as fault:
+        return Outcome(fault.request_id, fault.code, fault.text)
+
+    gateway = (topic.product_key, topic.device_key)
+    rows: list[Row] = []
+    skipped: list[str] = []
+    for index, item in enumerate(request.items):
+        where = f"params[{index}]." if topic.batch else ""
+        device = (item.product_key, item.device_key)
+        if device != gateway and not (request.allow_offline_sub_device and sub_device_ok(gateway, device)):
+            # sub-devices never log in here (no combine.login), so they are all "offline"
+            detail = f"{where}device {item.product_key}/{item.device_key} is not a permitted sub-device of {topic.product_key}/{topic.device_key}"
+            return Outcome(request.id, ReplyCode.NO_SUB_DEVICE_PERMISSION, f"{ReplyCode.NO_SUB_DEVICE_PERMISSION.message}: {detail}")
+        good, issues = _check(item, models)
+        if issues and not request.skip_invalid:
+            return Outcome(request.id, ReplyCode.MODEL_VALIDATE_FAILED, _issues_message(where, issues))
+        skipped.extend(f"{where}{issue}" for issue in issues)
+        rows.extend(
+            Row(item.product_key, item.device_key, point.identifier, item.time_ms, point.value, point.quality, received_ms)
+            for point in good
+        )
+    message = _summarise(f"skipped {len(skipped)} invalid measurepoints", skipped) if skipped else ""
+    return Outcome(request.id, ReplyCode.OK, message, rows)
+
+
+def _check(item: Item, models: Mapping[str, ThingModel]) -> tuple[list[Any], list[PointIssue]]:
+    model = models.get(item.product_key)
+    if model is None:
+        reason = f"product {item.product_key!r} has no thing model"
+        return [], [PointIssue(identifier, reason) for identifier in item.measurepoints] or [PointIssue("*", reason)]
+    checked, issues = model.check(item.measurepoints)
+    return list(checked), list(issues)
+
+
+def _issues_message(where: str, issues: list[PointIssue]) -> str:
+    return _summarise(ReplyCode.MODEL_VALIDATE_FAILED.message, [f"{where}{issue}" for issue in issues])
+
+
+def _summarise(head: str, lines: list[str]) -> str:
+    shown = "; ".join(lines[:MAX_ISSUES_IN_REPLY])
+    more = f"; and {len(lines) - MAX_ISSUES_IN_REPLY} more" if len(lines) > MAX_ISSUES_IN_REPLY else ""
+    return f"{head}: {shown}{more}"

@@ -1,0 +1,58 @@
+"""Topic names: which request a PUBLISH is, whose device it names, and where its reply goes.
+
+Measurement-point requests are ``/sys/{productKey}/{deviceKey}/thing/measurepoint/{api}[/batch]``; the reply
+topic is always the request topic plus ``_reply`` (reference/enos-protocol.md §3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_APIS = ("resume", "post")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTopic:
+    """A measurement-point request topic, parsed."""
+
+    topic: str
+    product_key: str
+    device_key: str
+    api: str  # "resume" or "post"
+    batch: bool
+
+    @property
+    def method(self) -> str:
+        """The ``method`` a payload on this topic must carry."""
+        return f"thing.measurepoint.{self.api}" + (".batch" if self.batch else "")
+
+    @property
+    def reply_topic(self) -> str:
+        """Where the answer is published."""
+        return self.topic + "_reply"
+
+    @property
+    def name(self) -> str:
+        """Short label for metrics and logs: ``resume``, ``resume_batch``, ``post``, ``post_batch``."""
+        return self.api + ("_batch" if self.batch else "")
+
+
+def parse_request_topic(topic: str) -> RequestTopic | None:
+    """Return the parsed request, or None when the topic is not a measurement-point request."""
+    parts = topic.split("/")
+    # ['', 'sys', pk, dk, 'thing', 'measurepoint', api] (+ ['batch'])
+    if len(parts) not in (7, 8) or parts[0] != "" or parts[1] != "sys":
+        return None
+    if parts[4] != "thing" or parts[5] != "measurepoint" or parts[6] not in _APIS:
+        return None
+    batch = len(parts) == 8
+    if batch and parts[7] != "batch":
+        return None
+    if not parts[2] or not parts[3]:
+        return None
+    return RequestTopic(topic, parts[2], parts[3], parts[6], batch)
+
+
+def device_prefixes(product_key: str, device_key: str) -> tuple[str, str]:
+    """The topic prefixes a device owns: its ``/sys/`` and ``/ext/session/`` trees."""
+    return f"/sys/{product_key}/{device_key}/", f"/ext/session/{product_key}/{device_key}/"
