@@ -95,7 +95,7 @@ class Service:
             connect_timeout=settings.connect_timeout,
             max_packet_bytes=settings.max_payload_bytes + 65539,
         )
-        broker.authenticator = DeviceAuthenticator(pool, box, allow_anonymous=settings.allow_anonymous)  # type: ignore[attr-defined]
+        broker.authenticator = DeviceAuthenticator(pool, box, allow_anonymous=settings.allow_anonymous)
         broker.ingest = Ingest(broker, writer, models, max_payload_bytes=settings.max_payload_bytes)
         self._migrator = asyncio.create_task(_migrate_when_reachable(dsn, state))
         writer.start()
@@ -113,7 +113,9 @@ class Service:
             return None if state.models else "no thing models loaded"
 
         host, port = parse_bind(settings.http_bind, default_host="127.0.0.1")
-        self.ops = ops = OpsServer(host, port, {"database": database_check, "migrations": migrations_check, "models": models_check})
+        self.ops = ops = OpsServer(
+            host, port, {"database": database_check, "migrations": migrations_check, "models": models_check}
+        )
         await ops.start()
         log.info(
             "pointgate started",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -65,8 +64,9 @@ def _settings(ctx: typer.Context, **overrides: Any) -> Settings:
 
 
 @app.callback()
-def main_options(ctx: typer.Context, config: ConfigOpt = None, database_url: DatabaseOpt = None,
-                 data_dir: DataDirOpt = None) -> None:
+def main_options(
+    ctx: typer.Context, config: ConfigOpt = None, database_url: DatabaseOpt = None, data_dir: DataDirOpt = None
+) -> None:
     """Options every command shares."""
     ctx.obj = {"config": config, "database_url": database_url, "data_dir": data_dir}
 
@@ -75,30 +75,51 @@ def main_options(ctx: typer.Context, config: ConfigOpt = None, database_url: Dat
 def serve(
     ctx: typer.Context,
     mqtt_bind: Annotated[str | None, typer.Option(help="Plain MQTT listener HOST:PORT [0.0.0.0:1883].")] = None,
-    mqtts_bind: Annotated[str | None, typer.Option(help="TLS MQTT listener HOST:PORT (needs --tls-certfile/--tls-keyfile).")] = None,
+    mqtts_bind: Annotated[
+        str | None, typer.Option(help="TLS MQTT listener HOST:PORT (needs --tls-certfile/--tls-keyfile).")
+    ] = None,
     tls_certfile: Annotated[Path | None, typer.Option(help="Server certificate (PEM).")] = None,
     tls_keyfile: Annotated[Path | None, typer.Option(help="Server private key (PEM).")] = None,
-    tls_client_cafile: Annotated[Path | None, typer.Option(help="CA for client certificates; makes them required.")] = None,
+    tls_client_cafile: Annotated[
+        Path | None, typer.Option(help="CA for client certificates; makes them required.")
+    ] = None,
     http_bind: Annotated[str | None, typer.Option(help="Ops endpoint HOST:PORT [127.0.0.1:9100].")] = None,
     database_url: DatabaseOpt = None,
     data_dir: DataDirOpt = None,
     models: Annotated[Path | None, typer.Option(help="Directory of thing models [schemas/].")] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes sharing the MQTT port.")] = None,
-    allow_anonymous: Annotated[bool | None, typer.Option("--allow-anonymous/--no-allow-anonymous",
-                                                         help="Let devices connect without credentials (development only).")] = None,
+    allow_anonymous: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-anonymous/--no-allow-anonymous", help="Let devices connect without credentials (development only)."
+        ),
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = None,
     log_format: Annotated[str | None, typer.Option(help="auto, json or console.")] = None,
 ) -> None:
     """Run the broker."""
     settings = _settings(
-        ctx, mqtt_bind=mqtt_bind, mqtts_bind=mqtts_bind, tls_certfile=tls_certfile, tls_keyfile=tls_keyfile,
-        tls_client_cafile=tls_client_cafile, http_bind=http_bind, database_url=database_url, data_dir=data_dir,
-        models=models, workers=workers, allow_anonymous=allow_anonymous, log_level=log_level, log_format=log_format,
+        ctx,
+        mqtt_bind=mqtt_bind,
+        mqtts_bind=mqtts_bind,
+        tls_certfile=tls_certfile,
+        tls_keyfile=tls_keyfile,
+        tls_client_cafile=tls_client_cafile,
+        http_bind=http_bind,
+        database_url=database_url,
+        data_dir=data_dir,
+        models=models,
+        workers=workers,
+        allow_anonymous=allow_anonymous,
+        log_level=log_level,
+        log_format=log_format,
     )
     from service.app import serve as run
     from service.logs import configure_logging
 
-    configure_logging(level=settings.log_level, json={"auto": None, "json": True, "console": False}[settings.log_format])
+    configure_logging(
+        level=settings.log_level, json={"auto": None, "json": True, "console": False}[settings.log_format]
+    )
     code = _guard(lambda: _run(run(settings)))
     raise typer.Exit(code)
 
@@ -133,7 +154,9 @@ def migrate(ctx: typer.Context, database_url: DatabaseOpt = None, data_dir: Data
 @model_app.command("check")
 def model_check(
     ctx: typer.Context,
-    paths: Annotated[list[Path] | None, typer.Argument(help="Model files or directories [the --models directory].")] = None,
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="Model files or directories [the --models directory].")
+    ] = None,
 ) -> None:
     """Validate thing model files; exit non-zero naming each bad file and why."""
     from service.thingmodel import check_paths, load_models
@@ -169,4 +192,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -43,12 +43,11 @@ def decode(payload: bytes, topic: RequestTopic, *, received_ms: int, max_bytes: 
     """Check the envelope of ``payload`` published on ``topic``; raise `DeviceFault` on the first problem."""
     if not payload:
         raise DeviceFault(ReplyCode.PAYLOAD_EMPTY)
+    error: orjson.JSONDecodeError | None = None
     try:
         body = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         body, error = None, exc
-    else:
-        error = None
     if len(payload) > max_bytes:
         # it was read anyway (it fit in a packet), so the reply can still echo its id
         request_id = body.get("id") if isinstance(body, dict) else None
@@ -69,7 +68,7 @@ def decode(payload: bytes, topic: RequestTopic, *, received_ms: int, max_bytes: 
         raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"id must be a string, got {_json_type(request_id)}")
     version = body.get("version")
     if version is not None and version not in VERSIONS:
-        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"version must be \"1.0\" or \"1.1\", got {_show(version)}")
+        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f'version must be "1.0" or "1.1", got {_show(version)}')
     method = body.get("method")
     if not isinstance(method, str):
         raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"method must be a string, got {_json_type(method)}")
@@ -105,12 +104,16 @@ def _item(
 ) -> Item:
     points = entry.get("measurepoints")
     if not isinstance(points, dict):
-        raise DeviceFault(code, f"{where}.measurepoints must be an object, got {_json_type(points)}", request_id=request_id)
+        raise DeviceFault(
+            code, f"{where}.measurepoints must be an object, got {_json_type(points)}", request_id=request_id
+        )
     time_ms = entry.get("time")
     if time_ms is None:
         time_ms = received_ms
     elif not isinstance(time_ms, int) or isinstance(time_ms, bool):
-        raise DeviceFault(code, f"{where}.time must be integer milliseconds, got {_show(time_ms)}", request_id=request_id)
+        raise DeviceFault(
+            code, f"{where}.time must be integer milliseconds, got {_show(time_ms)}", request_id=request_id
+        )
     elif not 0 <= time_ms <= MAX_TIME_MS:
         raise DeviceFault(code, f"{where}.time {time_ms} is out of range", request_id=request_id)
     keys = []
@@ -132,7 +135,9 @@ def _flag(body: dict[str, Any], name: str, request_id: Any) -> bool:
         return False
     if value is True:
         return True
-    raise DeviceFault(ReplyCode.BATCH_FORMAT_ERROR, f"{name} must be true or false, got {_show(value)}", request_id=request_id)
+    raise DeviceFault(
+        ReplyCode.BATCH_FORMAT_ERROR, f"{name} must be true or false, got {_show(value)}", request_id=request_id
+    )
 
 
 def _json_type(value: object) -> str:

@@ -89,14 +89,29 @@ def handle(
         device = (item.product_key, item.device_key)
         if device != gateway and not (request.allow_offline_sub_device and sub_device_ok(gateway, device)):
             # sub-devices never log in here (no combine.login), so they are all "offline"
-            detail = f"{where}device {item.product_key}/{item.device_key} is not a permitted sub-device of {topic.product_key}/{topic.device_key}"
-            return Outcome(request.id, ReplyCode.NO_SUB_DEVICE_PERMISSION, f"{ReplyCode.NO_SUB_DEVICE_PERMISSION.message}: {detail}")
+            detail = (
+                f"{where}device {item.product_key}/{item.device_key} is not a permitted sub-device"
+                f" of {topic.product_key}/{topic.device_key}"
+            )
+            return Outcome(
+                request.id,
+                ReplyCode.NO_SUB_DEVICE_PERMISSION,
+                f"{ReplyCode.NO_SUB_DEVICE_PERMISSION.message}: {detail}",
+            )
         good, issues = _check(item, models)
         if issues and not request.skip_invalid:
             return Outcome(request.id, ReplyCode.MODEL_VALIDATE_FAILED, _issues_message(where, issues))
         skipped.extend(f"{where}{issue}" for issue in issues)
         rows.extend(
-            Row(item.product_key, item.device_key, point.identifier, item.time_ms, point.value, point.quality, received_ms)
+            Row(
+                item.product_key,
+                item.device_key,
+                point.identifier,
+                item.time_ms,
+                point.value,
+                point.quality,
+                received_ms,
+            )
             for point in good
         )
     message = _summarise(f"skipped {len(skipped)} invalid measurepoints", skipped) if skipped else ""

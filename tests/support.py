@@ -83,12 +83,21 @@ def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
 class Device:
     """A device over real MQTT 3.1.1 (paho), with blocking helpers that wait for replies."""
 
-    def __init__(self, port: int, client_id: str = "dev1", *, username: str | None = None,
-                 password: str | None = None, clean_session: bool = True, keepalive: int = 60) -> None:
+    def __init__(
+        self,
+        port: int,
+        client_id: str = "dev1",
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        clean_session: bool = True,
+        keepalive: int = 60,
+    ) -> None:
         self.port = port
         self.keepalive = keepalive
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311,
-                                  clean_session=clean_session)
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311, clean_session=clean_session
+        )
         if username is not None or password is not None:
             self.client.username_pw_set(username, password)
         self.messages: list[tuple[str, bytes, int]] = []
@@ -149,8 +158,9 @@ class Device:
                 raise TimeoutError(f"nothing on {topic} within {timeout}s")
             return next(m for m in self.messages[after:] if m[0] == topic)
 
-    def request(self, topic: str, payload: bytes | str | dict[str, Any], *, timeout: float = 5,
-                subscribe: bool = True) -> dict[str, Any]:
+    def request(
+        self, topic: str, payload: bytes | str | dict[str, Any], *, timeout: float = 5, subscribe: bool = True
+    ) -> dict[str, Any]:
         """Publish a request (QoS 1) and return the decoded reply from ``topic + '_reply'``."""
         if subscribe:
             self.subscribe(topic + "_reply")

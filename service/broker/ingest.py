@@ -70,7 +70,9 @@ class Ingest:
         self._log_rejection(session, topic, ReplyCode.MESSAGE_TOO_LARGE, detail)
         self._answer(topic, encode_reply(None, ReplyCode.MESSAGE_TOO_LARGE, detail), ReplyCode.MESSAGE_TOO_LARGE, None)
 
-    def _on_commit(self, done: asyncio.Future[None], topic: RequestTopic, outcome: Outcome, message: AckedMessage) -> None:
+    def _on_commit(
+        self, done: asyncio.Future[None], topic: RequestTopic, outcome: Outcome, message: AckedMessage
+    ) -> None:
         if done.cancelled():
             # shutting down before the commit: no reply, no PUBACK; the device keeps the data and re-sends
             metrics.MESSAGES.labels(api=topic.name, outcome="failed", code="none").inc()
@@ -79,8 +81,13 @@ class Ingest:
         if error is not None:
             message_text = f"{ReplyCode.INTERNAL_ERROR.message}: points could not be stored"
             metrics.MESSAGES.labels(api=topic.name, outcome="failed", code=str(int(ReplyCode.INTERNAL_ERROR))).inc()
-            self._answer(topic, encode_reply(outcome.request_id, ReplyCode.INTERNAL_ERROR, message_text),
-                         ReplyCode.INTERNAL_ERROR, message, count=False)
+            self._answer(
+                topic,
+                encode_reply(outcome.request_id, ReplyCode.INTERNAL_ERROR, message_text),
+                ReplyCode.INTERNAL_ERROR,
+                message,
+                count=False,
+            )
             return
         self._answer(topic, outcome.reply(), ReplyCode.OK, message)
 

@@ -46,7 +46,6 @@ from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents, MQTTEvents
 from amqtt.mqtt import packet_class
 from amqtt.mqtt.constants import QOS_0, QOS_1
-from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.packet import PUBLISH, RESERVED_0, RESERVED_15, MQTTFixedHeader
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
@@ -257,6 +256,7 @@ class PointgateBroker(Broker):
         self.connect_timeout = connect_timeout
         self.max_packet_bytes = max_packet_bytes
         self.ingest: Ingest | None = None
+        self.authenticator: Any = None  # service.auth.DeviceAuthenticator, used by plugins.DeviceAuthPlugin
         self._wildcard_filters: set[str] = set()
         self._session_filters: dict[str, set[str]] = {}
 
@@ -337,8 +337,20 @@ class PointgateBroker(Broker):
             session = incoming
         else:
             session = existing[0]
-            for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
-                         "username", "password", "attributes", "ssl_object", "remote_address", "remote_port"):
+            for name in (
+                "will_flag",
+                "will_message",
+                "will_topic",
+                "will_qos",
+                "will_retain",
+                "keep_alive",
+                "username",
+                "password",
+                "attributes",
+                "ssl_object",
+                "remote_address",
+                "remote_port",
+            ):
                 setattr(session, name, getattr(incoming, name))
             session.parent = 1
         for _ in range(100):
@@ -461,7 +473,9 @@ class PointgateBroker(Broker):
                     continue
                 handler = self._get_handler(target)
                 if handler is not None:
-                    running_tasks.append(asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)))
+                    running_tasks.append(
+                        asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False))
+                    )
 
     def publish_reply(self, topic: str, payload: bytes) -> None:
         """Queue a reply for whoever subscribed to ``topic`` (QoS 1, downgraded per subscriber, not retained)."""

@@ -121,10 +121,10 @@ class PointWriter:
         self._wake.set()
         return job.future
 
-    async def drain(self, timeout: float) -> bool:
-        """Wait until everything queued is committed; False if ``timeout`` passed first."""
+    async def drain(self, deadline: float) -> bool:
+        """Wait until everything queued is committed; False if ``deadline`` seconds passed first."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(self._idle.wait(), deadline)
         except TimeoutError:
             return False
         return True

@@ -36,7 +36,9 @@ def test_sample_request_gets_200_and_three_rows(device: Device, service: Running
     assert reply == {"id": "123", "code": 200, "message": "", "data": {}}
     stored = {r["point"]: r for r in rows(migrated_dsn)}
     assert set(stored) == {"temp", "branchCurr", "Power"}
-    assert stored["temp"]["value"] == "1.02" and stored["temp"]["value_num"] == 1.02 and stored["temp"]["quality"] is None
+    assert (
+        stored["temp"]["value"] == "1.02" and stored["temp"]["value_num"] == 1.02 and stored["temp"]["quality"] is None
+    )
     assert json.loads(stored["branchCurr"]["value"]) == ["1.02", "2.02", "7.93"]
     assert stored["branchCurr"]["value_num"] is None
     assert stored["Power"]["value"] == "1" and stored["Power"]["quality"] == 9
@@ -49,12 +51,20 @@ def test_sample_request_gets_200_and_three_rows(device: Device, service: Running
         (b"", 1251, "Payload is empty"),
         (b"not json", 1220, "not valid JSON"),
         (b"[1, 2]", 1220, "not a JSON object"),
-        (b'{"id":"7","method":"thing.measurepoint.resume","params":{"measurepoints":{"temp":NaN}}}', 1220, "not valid JSON"),
+        (
+            b'{"id":"7","method":"thing.measurepoint.resume","params":{"measurepoints":{"temp":NaN}}}',
+            1220,
+            "not valid JSON",
+        ),
         (json.dumps(body(version=1)).encode(), 1220, "version"),
         (json.dumps(body(params=[])).encode(), 1220, "params must be an object"),
         (json.dumps(body(params={"measurepoints": {"temp": 1}, "time": "yesterday"})).encode(), 1220, "time"),
         (json.dumps(body(method="thing.measurepoint.post")).encode(), 1260, "Methods not consistent"),
-        (json.dumps(body(params={"measurepoints": {"temp": "1.02"}})).encode(), 1204, "temp: expected FLOAT, got string"),
+        (
+            json.dumps(body(params={"measurepoints": {"temp": "1.02"}})).encode(),
+            1204,
+            "temp: expected FLOAT, got string",
+        ),
         (json.dumps(body(params={"measurepoints": {"Power": 5}})).encode(), 1204, "Power"),
         (json.dumps(body(params={"measurepoints": {"branchCurr": ["x"] * 129}})).encode(), 1204, "129"),
         (json.dumps(body(params={"measurepoints": {"Power": {"value": 2**31, "quality": 0}}})).encode(), 1204, "Power"),
@@ -155,7 +165,10 @@ def test_batch_without_skip_rejects_everything_on_first_error(device: Device, mi
 
 def test_batch_with_skip_drops_only_invalid_points(device: Device, migrated_dsn: str) -> None:
     """With skipInvalidMeasurepoints the invalid points are dropped, the rest stored, and the reply says what."""
-    items = [{"measurepoints": {"temp": 1.0, "dont.exist.name": 5}, "time": 1}, {"measurepoints": {"temp": "x"}, "time": 2}]
+    items = [
+        {"measurepoints": {"temp": 1.0, "dont.exist.name": 5}, "time": 1},
+        {"measurepoints": {"temp": "x"}, "time": 2},
+    ]
     reply = device.request(BATCH, batch_body(items, skipInvalidMeasurepoints=True))
     assert reply["code"] == 200
     assert "dont.exist.name" in reply["message"] and "params[1].temp" in reply["message"]
@@ -172,7 +185,9 @@ def test_batch_with_skip_drops_only_invalid_points(device: Device, migrated_dsn:
         (batch_body([{"measurepoints": {}}], skipInvalidMeasurepoints="yes"), "skipInvalidMeasurepoints"),
     ],
 )
-def test_batch_format_errors_get_1206(device: Device, migrated_dsn: str, payload: dict[str, Any], fragment: str) -> None:
+def test_batch_format_errors_get_1206(
+    device: Device, migrated_dsn: str, payload: dict[str, Any], fragment: str
+) -> None:
     """A batch whose structure is wrong gets 1206 naming the field."""
     reply = device.request(BATCH, payload)
     assert reply["code"] == 1206 and fragment in reply["message"]
@@ -181,7 +196,10 @@ def test_batch_format_errors_get_1206(device: Device, migrated_dsn: str, payload
 
 def test_batch_for_another_device_needs_permission(device: Device, migrated_dsn: str) -> None:
     """Data for another device is refused with 1212 unless allowOfflineSubDevice is set."""
-    items = [{"measurepoints": {"temp": 1.0}, "time": 1}, {"deviceKey": "sub1", "measurepoints": {"temp": 2.0}, "time": 1}]
+    items = [
+        {"measurepoints": {"temp": 1.0}, "time": 1},
+        {"deviceKey": "sub1", "measurepoints": {"temp": 2.0}, "time": 1},
+    ]
     reply = device.request(BATCH, batch_body(items))
     assert reply["code"] == 1212 and "sub1" in reply["message"]
     assert rows(migrated_dsn) == []
@@ -206,7 +224,9 @@ def test_thousands_of_points_in_one_message(
         assert dev.request(resume_topic("bulk", "bulk1"), request, timeout=20)["code"] == 200
     finally:
         dev.close()
-    (count,) = fetch(migrated_dsn, "SELECT count(*) AS n, sum(value_num) AS s FROM measurepoints WHERE product_key='bulk'")
+    (count,) = fetch(
+        migrated_dsn, "SELECT count(*) AS n, sum(value_num) AS s FROM measurepoints WHERE product_key='bulk'"
+    )
     assert count["n"] == 5000 and count["s"] == sum(i * 0.5 for i in range(5000))
 
 

@@ -1,0 +1,217 @@
+"""Thing models: load each product's model from ``schemas/`` and check measure points against it.
+
+A model file is JSON shaped like EnOS's model definition (design.md, "Thing models"). Each measure
+point compiles once, at load, to a JSON Schema (``service.thingmodel_schema``); checking a point is
+then one ``is_valid`` call, and only a failing point pays for a worded reason. A malformed model is
+a ``ModelError`` naming the file and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, cast
+
+from jsonschema.protocols import Validator
+
+from service.errors import ModelError
+from service.thingmodel_schema import (
+    IGNORED_KEYS,
+    PointValidator,
+    compile_point,
+    explain,
+    name_problem,
+    quote,
+    tree_problem,
+)
+
+_MODEL_KEYS = ("productKey", "validate", "measurepoints", "$schema")
+
+
+@dataclass(frozen=True, slots=True)
+class PointIssue:
+    """A measure point that failed its model, and why, in words for the device."""
+
+    identifier: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.identifier}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedPoint:
+    """A measure point that passed: the value as sent (quality unwrapped) and its quality, if the point has one."""
+
+    identifier: str
+    value: object
+    quality: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PointSpec:
+    """One measure point of a model, with its compiled schema and the validator built from it."""
+
+    identifier: str
+    data_type: str
+    has_quality: bool
+    schema: dict[str, Any]
+    validator: Validator = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ThingModel:
+    """One product's thing model: what its devices may report."""
+
+    product_key: str
+    validate: bool
+    path: str
+    points: Mapping[str, PointSpec]
+
+    def check(self, measurepoints: Mapping[str, object]) -> tuple[list[CheckedPoint], list[PointIssue]]:
+        """Check every point; return the good ones and an issue for every bad one (never stop at the first).
+
+        An identifier the model does not define is an issue when ``validate`` is true; otherwise its
+        value is accepted as it is (no quality), provided its identifier and every string in it can be stored.
+        """
+        good: list[CheckedPoint] = []
+        bad: list[PointIssue] = []
+        for identifier, value in measurepoints.items():
+            spec = self.points.get(identifier)
+            if spec is not None:
+                if not spec.validator.is_valid(cast(Any, value)):
+                    bad.append(PointIssue(identifier, explain(spec.validator, spec.has_quality, value)))
+                elif spec.has_quality:
+                    wrapped = cast("dict[str, Any]", value)
+                    good.append(CheckedPoint(identifier, wrapped["value"], wrapped["quality"]))
+                else:
+                    good.append(CheckedPoint(identifier, value, None))
+            elif self.validate:
+                bad.append(PointIssue(_printable(identifier), "not defined in the model"))
+            elif problem := name_problem(identifier) or tree_problem(value):
+                bad.append(PointIssue(_printable(identifier), problem))
+            else:
+                good.append(CheckedPoint(identifier, value, None))
+        return good, bad
+
+
+def _printable(identifier: object) -> str:
+    # An identifier we refuse may itself hold NUL or a lone surrogate; echo it escaped, never raw.
+    if isinstance(identifier, str) and identifier and name_problem(identifier) is None:
+        return identifier
+    return quote(identifier)
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json.loads keeps the last of two equal keys; in a model that hides a mistake.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {quote(key)}")
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _read(path: Path) -> object:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(str(path), f"cannot read the file: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ModelError(str(path), f"not UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise ModelError(str(path), f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except ValueError as exc:  # raised by our hooks
+        raise ModelError(str(path), f"invalid JSON: {exc}") from None
+
+
+def load_model(path: Path) -> ThingModel:
+    """Read and compile one model file; raises ModelError naming the file and the reason."""
+    where = str(path)
+    document = _read(path)
+    if not isinstance(document, dict):
+        raise ModelError(where, "a thing model must be a JSON object")
+    unknown = sorted(set(document) - set(_MODEL_KEYS) - IGNORED_KEYS)
+    if unknown:
+        raise ModelError(where, f"unknown key {quote(unknown[0])} (allowed: {', '.join(_MODEL_KEYS)})")
+    product_key = document.get("productKey")
+    if problem := name_problem(product_key, "productKey"):
+        raise ModelError(where, problem)
+    if any(char in cast(str, product_key) for char in "/+#"):
+        raise ModelError(where, "productKey cannot contain '/', '+' or '#' (it is a topic level)")
+    validate = document.get("validate", True)
+    if not isinstance(validate, bool):
+        raise ModelError(where, "validate must be true or false")
+    measurepoints = document.get("measurepoints")
+    if not isinstance(measurepoints, dict):
+        raise ModelError(where, "measurepoints must be an object of identifier -> definition")
+    points: dict[str, PointSpec] = {}
+    for identifier, definition in measurepoints.items():
+        data_type, has_quality, schema = compile_point(where, identifier, definition)
+        points[identifier] = PointSpec(identifier, data_type, has_quality, schema, PointValidator(schema))
+    return ThingModel(cast(str, product_key), validate, where, MappingProxyType(points))
+
+
+def _model_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        raise ModelError(str(directory), "not a directory" if directory.exists() else "no such directory")
+    files = sorted(directory.glob("*.json"))
+    if not files:
+        raise ModelError(str(directory), "no thing model files (*.json) in this directory")
+    return files
+
+
+def _add(models: dict[str, ThingModel], model: ThingModel) -> None:
+    first = models.setdefault(model.product_key, model)
+    if first is not model:
+        raise ModelError(model.path, f"productKey {quote(model.product_key)} is already defined by {first.path}")
+
+
+def load_models(directory: Path) -> dict[str, ThingModel]:
+    """Load every ``*.json`` in ``directory`` (sorted), keyed by productKey; raises ModelError on the first problem.
+
+    A missing or empty directory is an error too: a broker with no models would refuse every message.
+    """
+    models: dict[str, ThingModel] = {}
+    for path in _model_files(directory):
+        _add(models, load_model(path))
+    return models
+
+
+def check_paths(paths: Sequence[Path]) -> list[ModelError]:
+    """Every problem in the given model files and directories (``pointgate model check``), not just the first.
+
+    A productKey defined twice across everything checked is a problem, as it would be in one directory.
+    """
+    errors: list[ModelError] = []
+    files: list[Path] = []
+    for path in paths:
+        if not path.exists():
+            errors.append(ModelError(str(path), "no such file or directory"))
+            continue
+        try:
+            files.extend(_model_files(path) if path.is_dir() else [path])
+        except ModelError as error:
+            errors.append(error)
+    models: dict[str, ThingModel] = {}
+    seen: set[Path] = set()
+    for path in files:
+        if path.resolve() in seen:  # a file named both alone and through its directory
+            continue
+        seen.add(path.resolve())
+        try:
+            _add(models, load_model(path))
+        except ModelError as error:
+            errors.append(error)
+    return errors
