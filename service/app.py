@@ -37,6 +37,7 @@ HANDLED_SIGNALS = (
     signal.SIGTERM,  # docker stop, kill, Kubernetes
 )
 _DB_RETRY_SECONDS = 1.0
+_TOPOLOGY_REFRESH_SECONDS = 2.0
 
 
 @dataclass
@@ -45,6 +46,7 @@ class _State:
 
     models: dict[str, ThingModel]
     migrated: bool = False
+    schema_ready: asyncio.Event = field(default_factory=asyncio.Event)
     draining: bool = False
     problems: dict[str, str] = field(default_factory=dict)
 
@@ -62,6 +64,7 @@ class Service:
         self.dsn = ""
         self._pool: asyncpg.Pool | None = None
         self._migrator: asyncio.Task[None] | None = None
+        self._topology: asyncio.Task[None] | None = None
 
     @property
     def mqtt_port(self) -> int:
@@ -89,7 +92,9 @@ class Service:
 
         self.dsn = dsn = await self._stack.enter_async_context(database_dsn(settings))
         self._pool = pool = await asyncpg.create_pool(dsn, min_size=0, max_size=2, timeout=5)
-        self.writer = writer = PointWriter(dsn, batch_points=settings.write_batch_points)
+        self.writer = writer = PointWriter(
+            dsn, batch_points=settings.write_batch_points, schema_ready=state.schema_ready
+        )
         self.broker = broker = PointgateBroker(
             config,
             connect_timeout=settings.connect_timeout,
@@ -98,6 +103,7 @@ class Service:
         broker.authenticator = DeviceAuthenticator(pool, box, allow_anonymous=settings.allow_anonymous)
         broker.ingest = Ingest(broker, writer, models, max_payload_bytes=settings.max_payload_bytes)
         self._migrator = asyncio.create_task(_migrate_when_reachable(dsn, state))
+        self._topology = asyncio.create_task(_refresh_sub_devices(pool, broker.ingest, state))
         writer.start()
         await broker.start()
 
@@ -151,8 +157,9 @@ class Service:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(broker.shutdown(), 5)
         # 6. The database last: migrations task, writer, login pool, then the embedded server.
-        if self._migrator is not None:
-            self._migrator.cancel()
+        for task in (self._migrator, self._topology):
+            if task is not None:
+                task.cancel()
         await writer.close()
         if self._pool is not None:
             with contextlib.suppress(Exception):
@@ -190,12 +197,29 @@ async def _migrate_when_reachable(dsn: str, state: _State) -> None:
             for migration in applied:
                 log.info("migration applied", version=migration.version, name=migration.name)
             state.migrated = True
+            state.schema_ready.set()
             state.problems.pop("migrations", None)
             return
         except Exception as exc:
             state.problems["migrations"] = f"migrations not applied: {exc or type(exc).__name__}"
             log.warning("database not ready, retrying", error=str(exc) or type(exc).__name__)
             await asyncio.sleep(_DB_RETRY_SECONDS)
+
+
+async def _refresh_sub_devices(pool: asyncpg.Pool, ingest: Ingest, state: _State) -> None:
+    # the pipeline is pure and synchronous, so it consults a snapshot of the gateway relations rather
+    # than the database; a registry change takes effect within one refresh period
+    while True:
+        if state.migrated:
+            try:
+                records = await pool.fetch(
+                    "SELECT gateway_product_key, gateway_device_key, product_key, device_key FROM devices"
+                    " WHERE gateway_product_key IS NOT NULL AND enabled"
+                )
+                ingest.sub_devices = frozenset(((r[0], r[1]), (r[2], r[3])) for r in records)
+            except Exception as exc:
+                log.warning("could not refresh sub-devices", error=str(exc) or type(exc).__name__)
+        await asyncio.sleep(_TOPOLOGY_REFRESH_SECONDS)
 
 
 def _install_signal_handlers() -> asyncio.Event:

@@ -18,7 +18,7 @@ from amqtt.session import Session
 from service import metrics
 from service.broker.overrides import AckedMessage, now_ms
 from service.errors import ReplyCode
-from service.pipeline import Outcome, SubDeviceCheck, allow_all_sub_devices, encode_reply, handle
+from service.pipeline import Outcome, allow_all_sub_devices, encode_reply, handle
 from service.storage.writer import PointWriter
 from service.thingmodel import ThingModel
 from service.topics import RequestTopic
@@ -39,13 +39,16 @@ class Ingest:
         models: Mapping[str, ThingModel],
         *,
         max_payload_bytes: int,
-        sub_device_ok: SubDeviceCheck = allow_all_sub_devices,
     ) -> None:
         self._broker = broker
         self._writer = writer
         self.models = models
         self._max_bytes = max_payload_bytes
-        self.sub_device_ok = sub_device_ok
+        # (gateway, sub-device) pairs from the registry, refreshed by the service (app.py)
+        self.sub_devices: frozenset[tuple[tuple[str, str], tuple[str, str]]] = frozenset()
+
+    def _registered_sub_device(self, gateway: tuple[str, str], sub_device: tuple[str, str]) -> bool:
+        return (gateway, sub_device) in self.sub_devices
 
     def accept(self, session: Session, topic: RequestTopic, message: AckedMessage) -> None:
         """Decide on one request; answer it now (refused) or after its rows are committed (accepted)."""
@@ -55,7 +58,9 @@ class Ingest:
             models=self.models,
             received_ms=now_ms(),
             max_bytes=self._max_bytes,
-            sub_device_ok=self.sub_device_ok,
+            # a signed-in gateway writes only for sub-devices registered under it; anonymous sessions
+            # (development mode) have no identity to check, so the request's own flag decides
+            sub_device_ok=allow_all_sub_devices if "device" not in session.attributes else self._registered_sub_device,
         )
         if not outcome.accepted:
             self._log_rejection(session, topic, outcome.code, outcome.message)

@@ -87,8 +87,10 @@ def to_columns(rows: Sequence[Row]) -> tuple[list[object], ...]:
 class PointWriter:
     """Queue of accepted messages and the task that commits them."""
 
-    def __init__(self, dsn: str, *, batch_points: int = 5000) -> None:
+    def __init__(self, dsn: str, *, batch_points: int = 5000, schema_ready: asyncio.Event | None = None) -> None:
         self._dsn = dsn
+        # set once migrations are applied: writing earlier would fail on a missing table, which is not the data's fault
+        self._schema_ready = schema_ready
         self._batch_points = batch_points
         self._jobs: deque[_Job] = deque()
         self._queued_points = 0
@@ -144,6 +146,8 @@ class PointWriter:
             self._conn = None
 
     async def _run(self) -> None:
+        if self._schema_ready is not None:
+            await self._schema_ready.wait()
         while True:
             if not self._jobs:
                 self._idle.set()
