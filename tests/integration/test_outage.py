@@ -31,7 +31,7 @@ def readyz(port: int) -> tuple[int, dict[str, object]]:
 def test_database_restart_loses_nothing_acknowledged(
     start_service: Callable[..., RunningService], tmp_path: Path
 ) -> None:
-    """With PostgreSQL stopped, requests get neither 200 nor PUBACK; once it is back every one is stored and answered."""
+    """With PostgreSQL stopped there is no 200 and no PUBACK; once it is back every request is stored and answered."""
     # pytest's tmp_path is mode 700 under root: the unprivileged PostgreSQL user could not reach it
     scratch = Path(tempfile.mkdtemp(prefix="pointgate-outage-"))
     scratch.chmod(0o755)
