@@ -105,6 +105,9 @@ class Service:
         self._migrator = asyncio.create_task(_migrate_when_reachable(dsn, state))
         self._topology = asyncio.create_task(_refresh_sub_devices(pool, broker.ingest, state))
         writer.start()
+        # give migrations a moment, so a healthy start logs "started" with the schema in place; a database
+        # that is down does not hold start-up (the migrator keeps trying and readiness says why)
+        await asyncio.wait({self._migrator}, timeout=5)
         await broker.start()
 
         async def database_check() -> str | None:

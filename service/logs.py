@@ -34,7 +34,24 @@ _NOISY_LOGGERS = ("amqtt", "transitions")
 
 
 class _PointgateHandler(logging.StreamHandler[TextIO]):
-    """The root handler we install; its own class so reconfiguring replaces it and nothing else."""
+    """The root handler we install; its own class so reconfiguring replaces it and nothing else.
+
+    Without an explicit stream it writes to whatever ``sys.stdout`` is at the time of each line, so a
+    replaced stdout (a test runner's capture, a closed pipe swapped out) never receives stale writes.
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._fixed = stream
+        super().__init__(stream or sys.stdout)
+
+    @property
+    def stream(self) -> TextIO:
+        return self._fixed if self._fixed is not None else sys.stdout
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        if self._fixed is not None:
+            self._fixed = value
 
 
 def _shared_processors() -> list[Processor]:
@@ -85,7 +102,7 @@ def configure_logging(*, level: str = "INFO", json: bool | None = None, stream: 
         cache_logger_on_first_use=True,
     )
 
-    handler = _PointgateHandler(out)
+    handler = _PointgateHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             # ExtraAdder: a stdlib call's extra={"client_id": ...} becomes a key on the line.
