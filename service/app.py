@@ -87,10 +87,11 @@ class Service:
         models = load_models(settings.models)  # a malformed model stops start-up here (ModelError)
         metrics.MODELS_LOADED.set(len(models))
         self.state = state = _State(models)
-        box = SecretBox(load_or_create_key(key_path(settings)))
         config = broker_config(settings)  # refuses a bad TLS setup before anything is started
 
         self.dsn = dsn = await self._stack.enter_async_context(database_dsn(settings))
+        # after the embedded server prepared the data directory (its modes matter to the PostgreSQL user)
+        box = SecretBox(load_or_create_key(key_path(settings)))
         self._pool = pool = await asyncpg.create_pool(dsn, min_size=0, max_size=2, timeout=5)
         self.writer = writer = PointWriter(
             dsn, batch_points=settings.write_batch_points, schema_ready=state.schema_ready

@@ -159,8 +159,11 @@ def _no_binaries() -> DatabaseError:
 
 def _major_version(bindir: Path) -> int:
     # `postgres --version` is answered before the server's refusal to run as root.
-    out = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True, check=False).stdout
-    match = re.search(r"\(PostgreSQL\) (\d+)", out)
+    try:
+        out = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True, check=False)
+    except OSError:
+        return -1  # not runnable here: never a match
+    match = re.search(r"\(PostgreSQL\) (\d+)", out.stdout)
     return int(match.group(1)) if match else -1
 
 
@@ -318,10 +321,12 @@ class EmbeddedPostgres:
                     f"{blocked} (mode {stat.filemode(blocked.stat().st_mode)}) on the way to the data directory "
                     f"{self.data_dir}; choose a --data-dir it can reach (e.g. under /var/lib), or use --database-url"
                 )
+        # ours as root: searchable for the PostgreSQL user, not listable (created so, as a concurrent start
+        # may be checking it; chmod only repairs what a strict umask took away)
+        mode = 0o711 if user is not None else 0o700
         with contextlib.suppress(FileExistsError):
-            self.data_dir.mkdir(parents=True, mode=0o700)
-            if user is not None:
-                self.data_dir.chmod(0o711)  # ours: searchable for the PostgreSQL user, not listable
+            self.data_dir.mkdir(parents=True, mode=mode)
+            self.data_dir.chmod(mode)
         for path in (self.pgdata, self.run_dir):
             path.mkdir(mode=0o700, exist_ok=True)
             if user is not None and path.stat().st_uid != user.uid:
