@@ -21,6 +21,7 @@ from service.broker.config import broker_config
 from service.broker.ingest import Ingest
 from service.broker.overrides import PointgateBroker
 from service.database import database_dsn
+from service.errors import ConfigError
 from service.http import OpsServer
 from service.logs import get_logger
 from service.resources import migrations_dir
@@ -84,6 +85,11 @@ class Service:
     async def start(self) -> None:
         """Start everything, in dependency order."""
         settings = self.settings
+        if settings.workers > 1:
+            # said plainly rather than silently running one process: the multi-process mode is not built yet
+            raise ConfigError(
+                "workers: only 1 is supported in this version; run one pointgate per core behind a TCP load balancer"
+            )
         models = load_models(settings.models)  # a malformed model stops start-up here (ModelError)
         metrics.MODELS_LOADED.set(len(models))
         self.state = state = _State(models)

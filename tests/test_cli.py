@@ -91,3 +91,10 @@ def test_migrate_against_unreachable_database_fails_cleanly() -> None:
     result = runner.invoke(app, ["migrate", "--database-url", "postgresql://postgres@127.0.0.1:9/none"])
     assert result.exit_code != 0
     assert "Traceback" not in result.output
+
+
+def test_serve_refuses_more_than_one_worker(tmp_path: Path) -> None:
+    """`--workers 2` is refused with a clear message instead of silently running one process."""
+    result = runner.invoke(app, ["serve", "--workers", "2", "--data-dir", str(tmp_path / "d")])
+    assert result.exit_code == 2
+    assert "workers" in result.output and "Traceback" not in result.output
