@@ -6,6 +6,7 @@ by ``POINTGATE_CONFIG`` (or ``--config``), defaults. A wrong value fails at star
 
 from __future__ import annotations
 
+import contextvars
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,9 @@ from pydantic_settings import (
 
 from service.errors import ConfigError
 from service.resources import schemas_dir
+
+# the TOML file for the Settings being built right now (load_settings' argument), without touching os.environ
+_config_file: contextvars.ContextVar[str | None] = contextvars.ContextVar("pointgate_config_file", default=None)
 
 
 def _default_data_dir() -> Path:
@@ -87,7 +91,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get("POINTGATE_CONFIG")
+        config_file = _config_file.get() or os.environ.get("POINTGATE_CONFIG")
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
         return tuple(sources)
@@ -111,10 +115,11 @@ def _redact_dsn(dsn: str) -> str:
 
 def load_settings(overrides: dict[str, Any] | None = None, *, config_file: Path | None = None) -> Settings:
     """Build the settings, or raise `ConfigError` naming every wrong key and why."""
-    if config_file is not None:
-        if not config_file.is_file():
-            raise ConfigError(f"config file {config_file} does not exist")
-        os.environ["POINTGATE_CONFIG"] = str(config_file)
+    if config_file is None and os.environ.get("POINTGATE_CONFIG"):
+        config_file = Path(os.environ["POINTGATE_CONFIG"])
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file {config_file} does not exist")
+    token = _config_file.set(str(config_file) if config_file is not None else None)
     try:
         return Settings(**{k: v for k, v in (overrides or {}).items() if v is not None})
     except ValidationError as exc:
@@ -122,3 +127,5 @@ def load_settings(overrides: dict[str, Any] | None = None, *, config_file: Path 
             f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"invalid settings: {problems}") from exc
+    finally:
+        _config_file.reset(token)
