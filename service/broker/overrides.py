@@ -8,9 +8,10 @@ Handler (one per connection):
   H1  PUBACK only after commit: amqtt PUBACKs a QoS 1 PUBLISH before anything saw it (§1.7); here it waits for
       the message's ``acked`` future (resolved by the ingest after COMMIT, or at once for other topics) and
       keeps PUBACKs in arrival order [MQTT-4.6.0-2]. The device's in-flight window becomes the backpressure.
-  H2  keep-alive enforced (§5 #1): no packet for 1.5 × keep-alive closes the connection, and the Will is sent.
+  H2  keep-alive enforced (§5 #1): no packet (nor the rest of a started one) for 1.5 × keep-alive closes the
+      connection, and the Will is sent.
   H3  malformed packets close the connection (§5 #7) instead of "Message discarded" and a desynchronised stream;
-      PUBLISH with QoS 3 included.
+      PUBLISH with QoS 3 included, and an oversized PUBLISH whose topic is invalid or longer than the packet.
   H4  packet size limit (§2.6): an oversized PUBLISH is skipped without buffering it and answered with 1008 on
       its reply topic when it is a request topic; anything else oversized closes the connection.
 
@@ -18,9 +19,11 @@ Broker:
   B1  CONNECT timeout (§5 #2): a connection that sends no CONNECT within ``connect_timeout`` is closed.
   B2  authentication before any session is touched (§5 #4, #4b): a refused CONNECT can no longer delete, take
       over or kick a live device's session, nor plant a Will.
-  B3  clean-session take-over closes the old connection (§5 #5), as persistent take-over already did.
+  B3  clean-session take-over closes the old connection (§5 #5), as persistent take-over already did; a clean
+      session is never resumed by a persistent CONNECT that comes before amqtt's monitor dropped it.
   B4  retained messages on connect only for the session's own subscriptions (§5 #3), never other clients'.
-  B5  Wills obey the publish ACL (§5 #4c): checked at CONNECT (refused) and again when published.
+  B5  Wills obey the publish ACL (§5 #4c) and the topic-name rules: checked at CONNECT (refused) and again when
+      published.
   B6  a ``$``/wildcard topic PUBLISH closes the connection (§5 #6) instead of leaving a zombie.
   B7  QoS downgraded to min(publish, subscription) (§5 #8).
   B8  fan-out looks topics up in an index (exact filters by dict, wildcard filters in a set) instead of
@@ -28,6 +31,8 @@ Broker:
       per-session filter sets make disconnect O(own subscriptions).
   B9  topic ACL and measurement-point ingest are direct calls: amqtt's plugin dispatch makes one task per
       plugin per message (§1.3), which the hot path cannot afford.
+  B10 sessions are keyed by device and client id: amqtt keys them by the client id alone, which the device
+      chooses, so another device could take over a session (and its queued replies) by reusing the id.
 """
 
 from __future__ import annotations
@@ -144,26 +149,28 @@ class PointgateHandler(BrokerProtocolHandler):
                 self._reader_ready.set()
                 if self.reader is None:
                     break
-                try:
-                    header = await asyncio.wait_for(MQTTFixedHeader.from_stream(self.reader), timeout=timeout)
-                except TimeoutError:
-                    log.info("keep-alive expired, closing", extra={"client_id": self.session.client_id})
-                    break  # H2: the finally below closes the connection; the broker then sends the Will
+                header = await asyncio.wait_for(MQTTFixedHeader.from_stream(self.reader), timeout=timeout)
                 if not header:
                     break
                 if header.packet_type in (RESERVED_0, RESERVED_15) or not self._header_ok(header):
                     log.warning("malformed packet, closing", extra={"client_id": self.session.client_id})
                     break
+                # H2: the rest of a packet is bounded too, or a device stalling mid-packet would never time out
                 if header.remaining_length > self.max_packet_bytes:
-                    if not await self._skip_oversized(header):
+                    if not await asyncio.wait_for(self._skip_oversized(header), timeout=timeout):
                         break
                     continue
-                packet = await packet_class(header).from_stream(self.reader, fixed_header=header)
+                packet = await asyncio.wait_for(
+                    packet_class(header).from_stream(self.reader, fixed_header=header), timeout=timeout
+                )
                 await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=self.session)
                 task = self._dispatch(packet)
                 if task is not None:
                     running.add(task)
                     task.add_done_callback(running.discard)
+        except TimeoutError:
+            # H2: the finally below closes the connection; the broker then sends the Will
+            log.info("keep-alive expired, closing", extra={"client_id": self.session.client_id})
         except (MQTTError, AMQTTError, ValueError, UnicodeDecodeError, IndexError) as exc:
             log.warning("malformed packet, closing: %s", exc, extra={"client_id": self.session.client_id})
         except (NoDataError, ConnectionError, asyncio.IncompleteReadError):
@@ -201,14 +208,19 @@ class PointgateHandler(BrokerProtocolHandler):
         if header.packet_type != PUBLISH or size > _SKIP_FACTOR * self.max_packet_bytes:
             log.warning("oversized packet (%d bytes), closing", size, extra={"client_id": self.session.client_id})
             return False
-        topic_len = int.from_bytes(await _read(self.reader, 2))
-        topic = (await _read(self.reader, topic_len)).decode("utf-8")
-        left = size - 2 - topic_len
         qos = (header.flags >> 1) & 0x03
+        topic_len = int.from_bytes(await _read(self.reader, 2))
+        left = size - 2 - topic_len - (2 if qos else 0)
+        if left < 0:
+            raise MQTTError("PUBLISH topic longer than its packet")  # H3: reading on would desynchronise the stream
+        topic = (await _read(self.reader, topic_len)).decode("utf-8")
+        if not valid_topic(topic):
+            # H3/B6: as for a PUBLISH of normal size; and never answer (1008) on a topic with wildcards
+            log.warning("invalid publish topic %r, closing", topic, extra={"client_id": self.session.client_id})
+            return False
         packet_id = None
         if qos:
             packet_id = int.from_bytes(await _read(self.reader, 2))
-            left -= 2
         while left > 0:
             chunk = await _read(self.reader, min(left, 65536))
             left -= len(chunk)
@@ -305,6 +317,11 @@ class PointgateBroker(Broker):
             await writer.close()
             return
 
+        # B10: devices choose their client ids, so sessions are keyed by device as well; otherwise a device
+        # reusing another's client id would disconnect it and inherit its session, queued replies included
+        identity = _identity(client_session)
+        if identity is not None:
+            client_session.client_id = f"{identity[0]}/{identity[1]}/{client_session.client_id}"
         session = await self._adopt_session(client_session)
         handler.attach(session, reader, writer)
         self._sessions[session.client_id] = (session, handler)
@@ -330,7 +347,9 @@ class PointgateBroker(Broker):
                 if not old_session.transitions.is_connected():
                     break
                 await asyncio.sleep(0.02)
-        if incoming.clean_session or existing is None:
+        # a clean session ends with its connection [MQTT-3.1.2-6], even while amqtt's 1 s monitor has yet to drop it:
+        # resuming it would report session-present and carry its subscriptions into a persistent session
+        if incoming.clean_session or existing is None or existing[0].clean_session:
             if existing is not None:
                 await self._delete_session(client_id)
             incoming.parent = 0
@@ -364,8 +383,9 @@ class PointgateBroker(Broker):
     async def _authenticate(self, session: Session, listener: ListenerConfig) -> bool:
         if not await super()._authenticate(session, listener):
             return False
-        # B5: a Will outside the device's own topics is refused at CONNECT
-        if session.will_flag and not acl.may_publish(_identity(session), session.will_topic or ""):
+        # B5: a Will outside the device's own topics is refused at CONNECT, as is one no PUBLISH could carry
+        will_topic = session.will_topic or ""
+        if session.will_flag and not (valid_topic(will_topic) and acl.may_publish(_identity(session), will_topic)):
             metrics.AUTH_FAILURES.labels(reason="will_topic_denied").inc()
             log.info("will topic outside the device's topics, refusing", extra={"client_id": session.client_id})
             return False
@@ -387,7 +407,7 @@ class PointgateBroker(Broker):
         if message is None:
             return True
         topic: str = message.topic
-        if not topic or "#" in topic or "+" in topic or topic.startswith("$") or "\x00" in topic:
+        if not valid_topic(topic):
             log.warning("invalid publish topic %r, closing", topic, extra={"client_id": client_session.client_id})
             _ack(message, False)
             await handler.handle_connection_closed()  # B6: close it; the loop then runs the disconnect
@@ -489,6 +509,11 @@ class PointgateBroker(Broker):
         if listener.get("cafile"):
             context.verify_mode = ssl.CERT_REQUIRED
         return context
+
+
+def valid_topic(topic: str) -> bool:
+    """Whether a client may publish on ``topic`` at all: no wildcards, no ``$`` topics, no NUL [MQTT-4.7]."""
+    return bool(topic) and "#" not in topic and "+" not in topic and not topic.startswith("$") and "\x00" not in topic
 
 
 def _identity(session: Session) -> acl.Identity:
