@@ -68,6 +68,10 @@ def main_options(
     ctx: typer.Context, config: ConfigOpt = None, database_url: DatabaseOpt = None, data_dir: DataDirOpt = None
 ) -> None:
     """Options every command shares."""
+    from service.logs import configure_logging
+
+    # stdout is each command's result (a secret, JSON); diagnostics go to stderr. `serve` reconfigures.
+    configure_logging(level="INFO", json=False, stderr=True)
     ctx.obj = {"config": config, "database_url": database_url, "data_dir": data_dir}
 
 

@@ -40,13 +40,16 @@ class _PointgateHandler(logging.StreamHandler[TextIO]):
     replaced stdout (a test runner's capture, a closed pipe swapped out) never receives stale writes.
     """
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, *, stderr: bool = False) -> None:
         self._fixed = stream
+        self._stderr = stderr
         super().__init__(stream or sys.stdout)
 
     @property
     def stream(self) -> TextIO:
-        return self._fixed if self._fixed is not None else sys.stdout
+        if self._fixed is not None:
+            return self._fixed
+        return sys.stderr if self._stderr else sys.stdout
 
     @stream.setter
     def stream(self, value: TextIO) -> None:
@@ -76,16 +79,20 @@ def _renderer(json: bool, stream: TextIO) -> list[Processor]:
     ]
 
 
-def configure_logging(*, level: str = "INFO", json: bool | None = None, stream: TextIO | None = None) -> None:
+def configure_logging(
+    *, level: str = "INFO", json: bool | None = None, stream: TextIO | None = None, stderr: bool = False
+) -> None:
     """Send every log line, ours and the libraries', to ``stream`` (default stdout) at ``level``.
 
-    ``json=None`` picks JSON lines unless ``stream`` is a terminal. Safe to call again: the handler is
+    ``json=None`` picks JSON lines unless ``stream`` is a terminal. ``stderr=True`` (commands whose stdout is
+    their result, such as ``device add`` printing a secret) sends the lines to standard error instead.
+    Safe to call again: the handler is
     replaced, not added. Call it before the first log line: loggers cache their configuration.
     """
     numeric = logging.getLevelNamesMapping().get(level.upper())
     if numeric is None:
         raise ValueError(f"unknown log level {level!r}; expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
-    out = sys.stdout if stream is None else stream
+    out = stream if stream is not None else (sys.stderr if stderr else sys.stdout)
     as_json = not out.isatty() if json is None else json
 
     shared = _shared_processors()
@@ -102,7 +109,7 @@ def configure_logging(*, level: str = "INFO", json: bool | None = None, stream: 
         cache_logger_on_first_use=True,
     )
 
-    handler = _PointgateHandler(stream)
+    handler = _PointgateHandler(stream, stderr=stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             # ExtraAdder: a stdlib call's extra={"client_id": ...} becomes a key on the line.

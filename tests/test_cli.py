@@ -98,3 +98,20 @@ def test_serve_refuses_more_than_one_worker(tmp_path: Path) -> None:
     result = runner.invoke(app, ["serve", "--workers", "2", "--data-dir", str(tmp_path / "d")])
     assert result.exit_code == 2
     assert "workers" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_device_add_on_embedded_database_prints_only_the_secret(tmp_path: Path) -> None:
+    """On the embedded database `device add` prints only the secret on stdout; its logs go to stderr."""
+    import shutil
+    import tempfile
+
+    data = Path(tempfile.mkdtemp(prefix="pointgate-cli-"))
+    data.chmod(0o755)  # reachable by the unprivileged PostgreSQL user when running as root
+    try:
+        result = runner.invoke(app, ["--data-dir", str(data / "d"), "device", "add", "inverter01", "dev9"])
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()
+        assert len(lines) == 1 and len(lines[0]) >= 24 and " " not in lines[0]
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
