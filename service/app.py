@@ -170,6 +170,8 @@ class Service:
         for task in (self._migrator, self._topology):
             if task is not None:
                 task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await writer.close()
         if self._pool is not None:
             with contextlib.suppress(Exception):
