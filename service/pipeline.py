@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -24,9 +24,8 @@ SubDeviceCheck = Callable[[tuple[str, str], tuple[str, str]], bool]
 """(gateway, sub-device) → may this gateway write the sub-device's points?"""
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One point to store."""
+class Row(NamedTuple):
+    """One point to store (a tuple: built per point on the hot path, where a frozen dataclass costs 3x)."""
 
     product_key: str
     device_key: str

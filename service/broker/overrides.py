@@ -33,6 +33,7 @@ Broker:
       plugin per message (§1.3), which the hot path cannot afford.
   B10 sessions are keyed by device and client id: amqtt keys them by the client id alone, which the device
       chooses, so another device could take over a session (and its queued replies) by reusing the id.
+  B11 a SUBSCRIBE no longer renders every subscription into a debug string (O(N²) connects).
 """
 
 from __future__ import annotations
@@ -269,6 +270,9 @@ class PointgateBroker(Broker):
         self.max_packet_bytes = max_packet_bytes
         self.ingest: Ingest | None = None
         self.authenticator: Any = None  # service.auth.DeviceAuthenticator, used by plugins.DeviceAuthPlugin
+        # B11: amqtt logs repr(self._subscriptions) on every SUBSCRIBE whatever the log level, which made
+        # connecting N devices cost O(N^2) (47 % of CPU while 3 000 devices connected, benchmarks/README.md)
+        self._subscriptions = _Subscriptions()
         self._wildcard_filters: set[str] = set()
         self._session_filters: dict[str, set[str]] = {}
 
@@ -514,6 +518,13 @@ class PointgateBroker(Broker):
 def valid_topic(topic: str) -> bool:
     """Whether a client may publish on ``topic`` at all: no wildcards, no ``$`` topics, no NUL [MQTT-4.7]."""
     return bool(topic) and "#" not in topic and "+" not in topic and not topic.startswith("$") and "\x00" not in topic
+
+
+class _Subscriptions(dict[str, list[tuple[Session, int]]]):
+    """amqtt's filter → subscribers map, with a repr that does not render every subscription (B11)."""
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} subscription filters>"
 
 
 def _identity(session: Session) -> acl.Identity:

@@ -733,3 +733,18 @@ def test_puback_waits_for_the_commit(make_brokers: Callable[..., Brokers]) -> No
     ours, stock = brokers.both(unacked_while_database_down)
     assert stock[0] is not None and stock[0] < 0.5 and stock[1]  # amqtt acks data nothing has stored
     assert ours == (None, True)
+
+
+def test_subscribe_does_not_render_every_subscription(service: RunningService) -> None:
+    """B11: the subscription map's repr stays constant-size, so amqtt's per-SUBSCRIBE debug string costs O(1)."""
+    devices = [Device(service.port, f"dev{i}") for i in range(20)]
+    try:
+        for index, dev in enumerate(devices):
+            assert dev.connect() == 0
+            assert dev.subscribe(f"/sys/inverter01/dev{index}/thing/measurepoint/resume_reply") == [1]
+        broker = service.service.broker
+        assert broker is not None and len(broker._subscriptions) == 20
+        assert repr(broker._subscriptions) == "<20 subscription filters>"  # stock amqtt renders all 20 sessions
+    finally:
+        for dev in devices:
+            dev.close()
