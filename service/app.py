@@ -80,8 +80,7 @@ class Service:
 
     def _port(self, listener: str) -> int:
         assert self.broker is not None
-        port: int = self.broker._servers[listener].instance.sockets[0].getsockname()[1]
-        return port
+        return self.broker.listener_port(listener)
 
     async def start(self) -> None:
         """Start everything, in dependency order."""
@@ -155,10 +154,7 @@ class Service:
         ops.set_draining()
         log.info("draining", deadline_s=self.settings.drain_timeout)
         # 2. Stop accepting connections; connected devices stay until their data is answered.
-        for server in broker._servers.values():
-            instance = getattr(server, "instance", None)
-            if instance is not None:
-                instance.close()
+        broker.stop_accepting()
         # 3. Commit what is queued; its replies and PUBACKs go out as each commit lands.
         if not await writer.drain(self.settings.drain_timeout):
             log.warning("drain deadline passed; unanswered data stays with the devices", points=writer.queued_points)
@@ -256,9 +252,8 @@ def _install_signal_handlers() -> asyncio.Event:
 
 
 async def _flush_replies(broker: PointgateBroker, *, deadline: float) -> None:
-    end = asyncio.get_running_loop().time() + deadline
-    while asyncio.get_running_loop().time() < end:
-        pending = [task for task in broker._tasks_queue if not task.done()]
-        if broker._broadcast_queue.empty() and not pending:
+    # amqtt signals nothing when a reply has left, so look every 10 ms, for at most ``deadline`` seconds
+    for _ in range(int(deadline / 0.01)):
+        if not broker.replies_pending():
             return
         await asyncio.sleep(0.01)

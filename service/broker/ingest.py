@@ -64,7 +64,7 @@ class Ingest:
         )
         if not outcome.accepted:
             self._log_rejection(session, topic, outcome.code, outcome.message)
-            self._answer(topic, outcome.reply(), outcome.code, message)
+            self._answer(topic, outcome.reply(), outcome.code, message, "rejected")
             return
         committed = self._writer.submit(outcome.rows)
         committed.add_done_callback(lambda done: self._on_commit(done, topic, outcome, message))
@@ -73,7 +73,8 @@ class Ingest:
         """A request too large to read: 1008 on its reply topic (its id is unknown: null)."""
         detail = f"{ReplyCode.MESSAGE_TOO_LARGE.message}: packet is {size} bytes, at most {self._max_bytes}"
         self._log_rejection(session, topic, ReplyCode.MESSAGE_TOO_LARGE, detail)
-        self._answer(topic, encode_reply(None, ReplyCode.MESSAGE_TOO_LARGE, detail), ReplyCode.MESSAGE_TOO_LARGE, None)
+        reply = encode_reply(None, ReplyCode.MESSAGE_TOO_LARGE, detail)
+        self._answer(topic, reply, ReplyCode.MESSAGE_TOO_LARGE, None, "rejected")
 
     def _on_commit(
         self, done: asyncio.Future[None], topic: RequestTopic, outcome: Outcome, message: AckedMessage
@@ -82,26 +83,18 @@ class Ingest:
             # shutting down before the commit: no reply, no PUBACK; the device keeps the data and re-sends
             metrics.MESSAGES.labels(api=topic.name, outcome="failed", code="none").inc()
             return
-        error = done.exception()
-        if error is not None:
-            message_text = f"{ReplyCode.INTERNAL_ERROR.message}: points could not be stored"
-            metrics.MESSAGES.labels(api=topic.name, outcome="failed", code=str(int(ReplyCode.INTERNAL_ERROR))).inc()
-            self._answer(
-                topic,
-                encode_reply(outcome.request_id, ReplyCode.INTERNAL_ERROR, message_text),
-                ReplyCode.INTERNAL_ERROR,
-                message,
-                count=False,
-            )
+        if done.exception() is not None:
+            text = f"{ReplyCode.INTERNAL_ERROR.message}: points could not be stored"
+            reply = encode_reply(outcome.request_id, ReplyCode.INTERNAL_ERROR, text)
+            self._answer(topic, reply, ReplyCode.INTERNAL_ERROR, message, "failed")
             return
-        self._answer(topic, outcome.reply(), ReplyCode.OK, message)
+        self._answer(topic, outcome.reply(), ReplyCode.OK, message, "accepted")
 
     def _answer(
-        self, topic: RequestTopic, payload: bytes, code: ReplyCode, message: AckedMessage | None, *, count: bool = True
+        self, topic: RequestTopic, payload: bytes, code: ReplyCode, message: AckedMessage | None, result: str
     ) -> None:
-        if count:
-            outcome = "accepted" if code is ReplyCode.OK else "rejected"
-            metrics.MESSAGES.labels(api=topic.name, outcome=outcome, code=str(int(code))).inc()
+        """Count, publish the reply, release the PUBACK. ``result`` is the metrics outcome label."""
+        metrics.MESSAGES.labels(api=topic.name, outcome=result, code=str(int(code))).inc()
         metrics.REPLIES.labels(code=str(int(code))).inc()
         self._broker.publish_reply(topic.reply_topic, payload)
         if message is not None:

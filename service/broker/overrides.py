@@ -501,6 +501,22 @@ class PointgateBroker(Broker):
                         asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False))
                     )
 
+    def listener_port(self, listener: str) -> int:
+        """The port a listener is bound to (its real one when configured with port 0)."""
+        port: int = self._servers[listener].instance.sockets[0].getsockname()[1]
+        return port
+
+    def stop_accepting(self) -> None:
+        """Close the listening sockets; connections already open stay until the broker shuts down."""
+        for server in self._servers.values():
+            instance = getattr(server, "instance", None)
+            if instance is not None:
+                instance.close()
+
+    def replies_pending(self) -> bool:
+        """Whether published replies are still queued or on their way to a device."""
+        return not self._broadcast_queue.empty() or any(not task.done() for task in self._tasks_queue)
+
     def publish_reply(self, topic: str, payload: bytes) -> None:
         """Queue a reply for whoever subscribed to ``topic`` (QoS 1, downgraded per subscriber, not retained)."""
         self._broadcast_queue.put_nowait({"session": None, "topic": topic, "data": payload, "qos": QOS_1})

@@ -57,10 +57,7 @@ def test_readyz_names_each_check(service: RunningService) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{service.http_port}/readyz", timeout=3) as response:
         body = json.loads(response.read())
     assert response.status == 200
-    assert body["checks"] == {"database": "ok", "migrations": "ok", "models": "ok", "draining": "ok"} or all(
-        v == "ok" for v in body["checks"].values()
-    )
-    assert {"database", "migrations", "models"} <= set(body["checks"])
+    assert body == {"status": "ready", "checks": {"database": "ok", "migrations": "ok", "models": "ok"}}
 
 
 def test_logs_say_where_it_listens_and_one_line_per_rejection(migrated_dsn: str, tmp_path: object) -> None:
@@ -88,4 +85,5 @@ def test_logs_say_where_it_listens_and_one_line_per_rejection(migrated_dsn: str,
     assert rejected[0]["product"] == "inverter01" and rejected[0]["device"] == "dev1"
     assert rejected[0]["code"] == 1204 and "temp: expected FLOAT" in rejected[0]["reason"]
     assert rejected[0]["topic"] == TOPIC and rejected[0]["level"] == "info"
-    assert "hot" not in json.dumps(rejected[0]) or "got string" in rejected[0]["reason"]
+    # the payload itself is never logged at INFO, on that line or any other
+    assert '"hot"' not in process.log.read_text() and "thing.measurepoint.resume" not in process.log.read_text()
