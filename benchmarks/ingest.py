@@ -1310,7 +1310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_stock_broker(args.stock_broker_port)
         return 0
     sys.path.insert(0, str(ROOT))
-    from service.logs import configure_logging
+    from service.ops.logs import configure_logging
 
     configure_logging(level="WARNING", json=False, stream=sys.stderr)  # stdout is for the results
     # pointgate holds every connection (and the holder process the idle ones): that is the most one process needs

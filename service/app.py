@@ -16,21 +16,22 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from service import __version__, metrics
-from service.auth import DeviceAuthenticator
+from service import __version__
 from service.broker.config import broker_config
 from service.broker.ingest import Ingest
 from service.broker.overrides import PointgateBroker
-from service.database import database_dsn
+from service.devices.auth import DeviceAuthenticator
+from service.devices.secretbox import SecretBox, key_path, load_or_create_key
 from service.errors import ConfigError
-from service.http import OpsServer
-from service.logs import get_logger
+from service.model.thingmodel import ThingModel, load_models
+from service.ops import metrics
+from service.ops.http import OpsServer
+from service.ops.logs import get_logger
 from service.resources import migrations_dir
-from service.secretbox import SecretBox, key_path, load_or_create_key
 from service.settings import Settings, parse_bind
+from service.storage.database import database_dsn
 from service.storage.migrate import apply_migrations, pending_migrations
 from service.storage.writer import PointWriter
-from service.thingmodel import ThingModel, load_models
 
 log = get_logger("pointgate")
 

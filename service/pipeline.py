@@ -12,10 +12,10 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from service.envelope import Item, decode
 from service.errors import DeviceFault, ReplyCode
-from service.thingmodel import PointIssue, ThingModel
-from service.topics import RequestTopic
+from service.model.thingmodel import PointIssue, ThingModel
+from service.protocol.envelope import Item, decode
+from service.protocol.topics import RequestTopic
 
 # a reply names every failing point, but a message with 5 000 bad points must not become a 200 KB reply
 MAX_ISSUES_IN_REPLY = 50

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import app
+from service.cli.main import app
 from service.errors import ConfigError
 from service.settings import load_settings
 from tests.support import fetch

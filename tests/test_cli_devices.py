@@ -11,10 +11,10 @@ import asyncpg
 import pytest
 from typer.testing import CliRunner, Result
 
-from service.cli import app as main_app
-from service.cli_devices import app
-from service.secretbox import SecretBox, load_or_create_key
-from service.storage.devices import get_credentials
+from service.cli.devices import app
+from service.cli.main import app as main_app
+from service.devices.registry import get_credentials
+from service.devices.secretbox import SecretBox, load_or_create_key
 
 
 @pytest.fixture

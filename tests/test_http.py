@@ -1,4 +1,4 @@
-"""service.http: the ops endpoint, served for real on an ephemeral loopback port."""
+"""service.ops.http: the ops endpoint, served for real on an ephemeral loopback port."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from service import metrics
-from service.http import Check, OpsServer
+from service.ops import metrics
+from service.ops.http import Check, OpsServer
 
 Serve = Callable[[Mapping[str, Check]], Awaitable[OpsServer]]
 

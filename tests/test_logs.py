@@ -1,4 +1,4 @@
-"""service.logs: one structured pipeline for our loggers and the libraries' stdlib loggers."""
+"""service.ops.logs: one structured pipeline for our loggers and the libraries' stdlib loggers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import structlog
 
-from service.logs import configure_logging, get_logger
+from service.ops.logs import configure_logging, get_logger
 
 
 class _Terminal(io.StringIO):

@@ -1,11 +1,12 @@
-"""service.metrics: every metric defined once, named by the Prometheus guide, on our own registry."""
+"""service.ops.metrics: every metric defined once, named by the Prometheus guide, on our own registry."""
 
 from __future__ import annotations
 
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import __version__, metrics
+from service import __version__
+from service.ops import metrics
 
 EXPECTED = {
     # family name (as the client reports it, without _total) -> (type, label names)

@@ -12,8 +12,8 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from service.errors import ModelError
-from service.thingmodel import CheckedPoint, PointIssue, ThingModel, check_paths, load_model, load_models
-from service.thingmodel_schema import DATA_TYPES, fast_test
+from service.model.schema import DATA_TYPES, fast_test
+from service.model.thingmodel import CheckedPoint, PointIssue, ThingModel, check_paths, load_model, load_models
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 

@@ -6,7 +6,7 @@ sessions (only with ``--allow-anonymous``, a development mode) have no identity 
 
 from __future__ import annotations
 
-from service.topics import device_prefixes
+from service.protocol.topics import device_prefixes
 
 Identity = tuple[str, str] | None
 """(productKey, deviceKey) of a signed-in device; None for an anonymous session."""

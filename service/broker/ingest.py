@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 import structlog
 from amqtt.session import Session
 
-from service import metrics
 from service.broker.overrides import AckedMessage, now_ms
 from service.errors import ReplyCode
+from service.model.thingmodel import ThingModel
+from service.ops import metrics
 from service.pipeline import Outcome, allow_all_sub_devices, encode_reply, handle
+from service.protocol.topics import RequestTopic
 from service.storage.writer import PointWriter
-from service.thingmodel import ThingModel
-from service.topics import RequestTopic
 
 if TYPE_CHECKING:
     from service.broker.overrides import PointgateBroker

@@ -58,9 +58,9 @@ from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import IncomingApplicationMessage, Session
 
-from service import metrics
 from service.broker import acl
-from service.topics import RequestTopic, parse_request_topic
+from service.ops import metrics
+from service.protocol.topics import RequestTopic, parse_request_topic
 
 if TYPE_CHECKING:
     from amqtt.adapters import ReaderAdapter, WriterAdapter
@@ -269,7 +269,7 @@ class PointgateBroker(Broker):
         self.connect_timeout = connect_timeout
         self.max_packet_bytes = max_packet_bytes
         self.ingest: Ingest | None = None
-        self.authenticator: Any = None  # service.auth.DeviceAuthenticator, used by plugins.DeviceAuthPlugin
+        self.authenticator: Any = None  # service.devices.auth.DeviceAuthenticator, used by plugins.DeviceAuthPlugin
         # B11: amqtt logs repr(self._subscriptions) on every SUBSCRIBE whatever the log level, which made
         # connecting N devices cost O(N^2) (47 % of CPU while 3 000 devices connected, benchmarks/README.md)
         self._subscriptions = _Subscriptions()

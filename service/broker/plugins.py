@@ -12,11 +12,11 @@ from typing import Any, Protocol
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
-from service import metrics
+from service.ops import metrics
 
 
 class LoginResult(Protocol):
-    """What an authenticator answers (service.auth.AuthResult)."""
+    """What an authenticator answers (service.devices.auth.AuthResult)."""
 
     ok: bool
     product_key: str | None
@@ -25,7 +25,7 @@ class LoginResult(Protocol):
 
 
 class Authenticator(Protocol):
-    """Checks CONNECT credentials (service.auth.DeviceAuthenticator)."""
+    """Checks CONNECT credentials (service.devices.auth.DeviceAuthenticator)."""
 
     async def authenticate(self, client_id: str | None, username: str | None, password: str | None) -> Any:
         """Return a `LoginResult`."""

@@ -37,7 +37,7 @@ from types import TracebackType
 from urllib.parse import quote
 
 from service.errors import DatabaseError
-from service.logs import get_logger
+from service.ops.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import asyncpg
 import orjson
 
-from service import metrics
-from service.logs import get_logger
+from service.ops import metrics
+from service.ops.logs import get_logger
 from service.pipeline import Row
 
 log = get_logger(__name__)

@@ -1,7 +1,7 @@
 """Signed-in devices for integration tests: register them in a running service's registry, build their logins.
 
 Passwords are computed here from the reference's algorithm (reference/enos-protocol.md §2.2), independently of
-`service.signing`, so a regression there cannot hide behind a helper that shares its code.
+`service.protocol.signing`, so a regression there cannot hide behind a helper that shares its code.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from service.secretbox import SecretBox, key_path, load_or_create_key
-from service.storage.devices import add_device, rotate_secret, set_enabled
+from service.devices.registry import add_device, rotate_secret, set_enabled
+from service.devices.secretbox import SecretBox, key_path, load_or_create_key
 from tests.support import Device, RunningService
 
 T = TypeVar("T")

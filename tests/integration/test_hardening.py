@@ -28,10 +28,10 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseTopicPlugin
 from amqtt.session import Session
 
-from service.auth import DeviceAuthenticator
 from service.broker import acl
 from service.broker.config import broker_config
-from service.secretbox import SecretBox, key_path, load_or_create_key
+from service.devices.auth import DeviceAuthenticator
+from service.devices.secretbox import SecretBox, key_path, load_or_create_key
 from tests.integration._login import PK, Login, login, register
 from tests.support import SAMPLE, Device, RunningService, resume_topic
 

@@ -11,10 +11,10 @@ from typing import Any, cast
 import asyncpg
 import pytest
 
-from service.auth import DeviceAuthenticator
-from service.secretbox import KEY_BYTES, SecretBox
-from service.storage import devices
-from service.storage.devices import DeviceExists, DeviceNotFound, InvalidKey
+from service.devices import registry as devices
+from service.devices.auth import DeviceAuthenticator
+from service.devices.registry import DeviceExists, DeviceNotFound, InvalidKey
+from service.devices.secretbox import KEY_BYTES, SecretBox
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 Naming follows the Prometheus guide: one ``pointgate_`` prefix, base units (``_seconds``), ``_total``
 for counters, ``_info`` for build metadata. No label ever holds a product or device id: those are
-unbounded, and per-device detail belongs in the logs (``service.logs``), not in a time series.
+unbounded, and per-device detail belongs in the logs (``service.ops.logs``), not in a time series.
 
 ``REGISTRY`` is ours rather than prometheus-client's global one, so tests can read exact values and
 nothing a library registers globally leaks onto ``/metrics``. The process and platform collectors

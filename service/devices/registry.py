@@ -2,7 +2,7 @@
 
 Every function takes a connection or a pool (both run single statements), so the command line passes its
 one connection and the broker its pool. Secrets go in and out in clear; only sealed bytes touch the
-database (service/secretbox.py).
+database (service/devices/secretbox.py).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from datetime import datetime
 
 import asyncpg
 
+from service.devices.secretbox import SecretBox, new_secret
 from service.errors import PointgateError
-from service.secretbox import SecretBox, new_secret
-from service.signing import key_problem
+from service.protocol.signing import key_problem
 
 Executor = asyncpg.Connection | asyncpg.Pool
 

@@ -15,12 +15,12 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import asyncpg
 import typer
 
-from service import database
+from service.devices import registry as devices
+from service.devices.secretbox import SecretBox, key_path, load_or_create_key
 from service.errors import ConfigError, PointgateError
 from service.resources import migrations_dir
-from service.secretbox import SecretBox, key_path, load_or_create_key
 from service.settings import Settings, load_settings
-from service.storage import devices
+from service.storage import database
 from service.storage.migrate import apply_migrations
 
 T = TypeVar("T")

@@ -16,8 +16,8 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
-from service import metrics
-from service.logs import get_logger
+from service.ops import metrics
+from service.ops.logs import get_logger
 
 __all__ = ["Check", "OpsServer"]
 

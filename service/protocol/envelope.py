@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from service.errors import DeviceFault, ReplyCode
-from service.topics import RequestTopic
+from service.protocol.topics import RequestTopic
 
 VERSIONS = frozenset({"1.0", "1.1"})
 # timestamptz holds far more, but a device clock outside years 1970..9999 is a bug, not data

@@ -68,7 +68,7 @@ def main_options(
     ctx: typer.Context, config: ConfigOpt = None, database_url: DatabaseOpt = None, data_dir: DataDirOpt = None
 ) -> None:
     """Options every command shares."""
-    from service.logs import configure_logging
+    from service.ops.logs import configure_logging
 
     # stdout is each command's result (a secret, JSON); diagnostics go to stderr. `serve` reconfigures.
     configure_logging(level="INFO", json=False, stderr=True)
@@ -119,7 +119,7 @@ def serve(
         log_format=log_format,
     )
     from service.app import serve as run
-    from service.logs import configure_logging
+    from service.ops.logs import configure_logging
 
     configure_logging(
         level=settings.log_level, json={"auto": None, "json": True, "console": False}[settings.log_format]
@@ -142,8 +142,8 @@ def migrate(ctx: typer.Context, database_url: DatabaseOpt = None, data_dir: Data
     settings = _settings(ctx, database_url=database_url, data_dir=data_dir)
 
     async def run() -> list[Any]:
-        from service.database import connect
         from service.resources import migrations_dir
+        from service.storage.database import connect
         from service.storage.migrate import apply_migrations
 
         async with connect(settings) as conn:
@@ -163,7 +163,7 @@ def model_check(
     ] = None,
 ) -> None:
     """Validate thing model files; exit non-zero naming each bad file and why."""
-    from service.thingmodel import check_paths, load_models
+    from service.model.thingmodel import check_paths, load_models
 
     targets = paths or [_settings(ctx).models]
     errors = check_paths(targets)
@@ -182,7 +182,7 @@ def config_show(ctx: typer.Context) -> None:
 
 
 def _mount_devices() -> None:
-    from service.cli_devices import app as devices_app
+    from service.cli.devices import app as devices_app
 
     app.add_typer(devices_app, name="device")
 

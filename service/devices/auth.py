@@ -17,10 +17,10 @@ from typing import Literal
 
 import asyncpg
 
-from service.logs import get_logger
-from service.secretbox import SecretBox
-from service.signing import LoginRefused, parse_login, verify_password
-from service.storage.devices import get_credentials
+from service.devices.registry import get_credentials
+from service.devices.secretbox import SecretBox
+from service.ops.logs import get_logger
+from service.protocol.signing import LoginRefused, parse_login, verify_password
 
 AuthReason = Literal[
     "bad_signature",
