@@ -20,6 +20,7 @@ from service import __version__
 from service.broker.config import broker_config
 from service.broker.ingest import Ingest
 from service.broker.overrides import PointgateBroker
+from service.devices import registry
 from service.devices.auth import DeviceAuthenticator
 from service.devices.secretbox import SecretBox, key_path, load_or_create_key
 from service.errors import ConfigError
@@ -225,11 +226,7 @@ async def _refresh_sub_devices(pool: asyncpg.Pool, ingest: Ingest, state: _State
     while True:
         if state.migrated:
             try:
-                records = await pool.fetch(
-                    "SELECT gateway_product_key, gateway_device_key, product_key, device_key FROM devices"
-                    " WHERE gateway_product_key IS NOT NULL AND enabled"
-                )
-                ingest.sub_devices = frozenset(((r[0], r[1]), (r[2], r[3])) for r in records)
+                ingest.sub_devices = await registry.sub_device_pairs(pool)
             except Exception as exc:
                 log.warning("could not refresh sub-devices", error=str(exc) or type(exc).__name__)
         await asyncio.sleep(_TOPOLOGY_REFRESH_SECONDS)

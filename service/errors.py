@@ -1,55 +1,33 @@
-"""Every error pointgate raises, and the one table of reply codes a device can receive.
+"""Every exception pointgate raises on purpose, in one hierarchy.
 
-Our exception hierarchy::
+::
 
     PointgateError
-    ├── DeviceFault          a device sent something we refuse; it gets a reply code, is counted,
-    │                        and is never logged as an error (the device is wrong, not us)
-    └── ServiceFault         something on our side; logged, counted, retried where that makes sense
-        ├── ConfigError      a setting or a file the operator gave us is wrong (exit non-zero)
-        │   └── ModelError   a thing model file is malformed (names the file and the reason)
-        ├── MigrationError   a migration cannot be applied or was edited after it was applied
-        └── DatabaseError    PostgreSQL could not be reached or started
+    ├── DeviceFault           a device's request is refused: it gets a reply code (service.protocol.replies),
+    │                         is counted, and is never logged as an error (the device is wrong, not us)
+    ├── LoginRefused          a device's CONNECT cannot be a valid EnOS login: CONNACK 5, counted by reason
+    ├── RegistryError         an operator's registry request is refused (the CLI prints it, exits non-zero)
+    │   ├── DeviceExists      ``add`` of a device that is already registered
+    │   ├── DeviceNotFound    the device (or gateway) named is not registered
+    │   └── InvalidKey        a key that could never appear in a topic or a login (also a ValueError)
+    └── ServiceFault          something on our side; logged, counted, retried where that makes sense
+        ├── ConfigError       a setting or a file the operator gave us is wrong (exit non-zero)
+        │   └── ModelError    a thing model file is malformed (names the file and the reason)
+        ├── MigrationError    a migration cannot be applied or was edited after it was applied
+        ├── DatabaseError     PostgreSQL could not be reached or started
+        └── SecretUnreadable  a sealed device secret does not open (wrong key file, altered bytes)
 
-The reply codes are EnOS's own (reference/enos-protocol.md §6); `ReplyCode` is the single place they
-are defined, with the default message each one carries on the wire.
+May import: ``service.protocol.replies`` (the reply codes a `DeviceFault` carries), nothing else of pointgate.
 """
 
 from __future__ import annotations
 
-import enum
+from typing import Literal
 
+from service.protocol.replies import ReplyCode, message
 
-class ReplyCode(enum.IntEnum):
-    """Codes a device can find in a ``_reply`` message, with EnOS's wording as ``message``."""
-
-    OK = 200
-    MESSAGE_TOO_LARGE = 1008
-    MODEL_VALIDATE_FAILED = 1204
-    BATCH_FORMAT_ERROR = 1206
-    NO_SUB_DEVICE_PERMISSION = 1212
-    PAYLOAD_FORMAT_ERROR = 1220
-    PAYLOAD_EMPTY = 1251
-    METHOD_MISMATCH = 1260
-    INTERNAL_ERROR = 500
-
-    @property
-    def message(self) -> str:
-        """The fixed text EnOS sends with this code."""
-        return _MESSAGES[self]
-
-
-_MESSAGES: dict[ReplyCode, str] = {
-    ReplyCode.OK: "",
-    ReplyCode.MESSAGE_TOO_LARGE: "Msg size is too large, discard the message",
-    ReplyCode.MODEL_VALIDATE_FAILED: "Model validate failed",
-    ReplyCode.BATCH_FORMAT_ERROR: "Measurepoint post data format error",
-    ReplyCode.NO_SUB_DEVICE_PERMISSION: "No sub-device permission",
-    ReplyCode.PAYLOAD_FORMAT_ERROR: "Payload format error",
-    ReplyCode.PAYLOAD_EMPTY: "Payload is empty",
-    ReplyCode.METHOD_MISMATCH: "Methods not consistent",
-    ReplyCode.INTERNAL_ERROR: "Internal error",
-}
+LoginRefusalReason = Literal["malformed", "unsupported_secure_mode", "unsupported_sign_method"]
+"""Why the CONNECT fields are not an EnOS login (a subset of ``service.ops.metrics.AuthFailureReason``)."""
 
 
 class PointgateError(Exception):
@@ -68,8 +46,39 @@ class DeviceFault(PointgateError):
 
     @property
     def text(self) -> str:
-        """The reply's ``message``: EnOS's wording, then our reason."""
-        return f"{self.code.message}: {self.detail}" if self.detail else self.code.message
+        """The reply's ``message`` (worded by ``service.protocol.replies.message``)."""
+        return message(self.code, self.detail)
+
+
+class LoginRefused(PointgateError):
+    """The CONNECT fields cannot be a valid EnOS login; ``reason`` says which way (a metrics label)."""
+
+    def __init__(self, reason: LoginRefusalReason, detail: str) -> None:
+        self.reason: LoginRefusalReason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class RegistryError(PointgateError):
+    """An operator asked the device registry for something it refuses."""
+
+
+class DeviceExists(RegistryError):
+    """``add`` was asked for a device that is already registered."""
+
+    def __init__(self, product_key: str, device_key: str) -> None:
+        super().__init__(f"device {product_key}/{device_key} is already registered")
+
+
+class DeviceNotFound(RegistryError):
+    """The device named is not registered."""
+
+    def __init__(self, product_key: str, device_key: str, *, role: str = "device") -> None:
+        super().__init__(f"{role} {product_key}/{device_key} is not registered")
+
+
+class InvalidKey(RegistryError, ValueError):
+    """A product or device key that could never appear in a topic or a login."""
 
 
 class ServiceFault(PointgateError):
@@ -95,3 +104,7 @@ class MigrationError(ServiceFault):
 
 class DatabaseError(ServiceFault):
     """PostgreSQL could not be reached, started or stopped."""
+
+
+class SecretUnreadable(ServiceFault):
+    """A sealed secret does not open: wrong key file, or the stored bytes were altered."""

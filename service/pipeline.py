@@ -10,15 +10,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import orjson
-
-from service.errors import DeviceFault, ReplyCode
+from service.errors import DeviceFault
 from service.model.thingmodel import PointIssue, ThingModel
+from service.protocol import replies
 from service.protocol.envelope import Item, decode
+from service.protocol.replies import ReplyCode
 from service.protocol.topics import RequestTopic
-
-# a reply names every failing point, but a message with 5 000 bad points must not become a 200 KB reply
-MAX_ISSUES_IN_REPLY = 50
 
 SubDeviceCheck = Callable[[tuple[str, str], tuple[str, str]], bool]
 """(gateway, sub-device) → may this gateway write the sub-device's points?"""
@@ -52,12 +49,7 @@ class Outcome:
 
     def reply(self) -> bytes:
         """The reply payload: ``id`` echoed as sent, integer ``code``, ``message``, and always ``data``."""
-        return encode_reply(self.request_id, self.code, self.message)
-
-
-def encode_reply(request_id: Any, code: ReplyCode, message: str) -> bytes:
-    """Serialise a reply the way every official SDK can parse it (reference/enos-protocol.md §5)."""
-    return orjson.dumps({"id": request_id, "code": int(code), "message": message, "data": {}})
+        return replies.encode(self.request_id, self.code, self.message)
 
 
 def allow_all_sub_devices(gateway: tuple[str, str], sub_device: tuple[str, str]) -> bool:
@@ -88,18 +80,12 @@ def handle(
         device = (item.product_key, item.device_key)
         if device != gateway and not (request.allow_offline_sub_device and sub_device_ok(gateway, device)):
             # sub-devices never log in here (no combine.login), so they are all "offline"
-            detail = (
-                f"{where}device {item.product_key}/{item.device_key} is not a permitted sub-device"
-                f" of {topic.product_key}/{topic.device_key}"
-            )
-            return Outcome(
-                request.id,
-                ReplyCode.NO_SUB_DEVICE_PERMISSION,
-                f"{ReplyCode.NO_SUB_DEVICE_PERMISSION.message}: {detail}",
-            )
+            message = replies.not_a_sub_device(where, device, gateway)
+            return Outcome(request.id, ReplyCode.NO_SUB_DEVICE_PERMISSION, message)
         good, issues = _check(item, models)
         if issues and not request.skip_invalid:
-            return Outcome(request.id, ReplyCode.MODEL_VALIDATE_FAILED, _issues_message(where, issues))
+            message = replies.model_invalid([f"{where}{issue}" for issue in issues])
+            return Outcome(request.id, ReplyCode.MODEL_VALIDATE_FAILED, message)
         skipped.extend(f"{where}{issue}" for issue in issues)
         rows.extend(
             Row(
@@ -113,8 +99,7 @@ def handle(
             )
             for point in good
         )
-    message = _summarise(f"skipped {len(skipped)} invalid measurepoints", skipped) if skipped else ""
-    return Outcome(request.id, ReplyCode.OK, message, rows)
+    return Outcome(request.id, ReplyCode.OK, replies.skipped(skipped), rows)
 
 
 def _check(item: Item, models: Mapping[str, ThingModel]) -> tuple[list[Any], list[PointIssue]]:
@@ -124,13 +109,3 @@ def _check(item: Item, models: Mapping[str, ThingModel]) -> tuple[list[Any], lis
         return [], [PointIssue(identifier, reason) for identifier in item.measurepoints] or [PointIssue("*", reason)]
     checked, issues = model.check(item.measurepoints)
     return list(checked), list(issues)
-
-
-def _issues_message(where: str, issues: list[PointIssue]) -> str:
-    return _summarise(ReplyCode.MODEL_VALIDATE_FAILED.message, [f"{where}{issue}" for issue in issues])
-
-
-def _summarise(head: str, lines: list[str]) -> str:
-    shown = "; ".join(lines[:MAX_ISSUES_IN_REPLY])
-    more = f"; and {len(lines) - MAX_ISSUES_IN_REPLY} more" if len(lines) > MAX_ISSUES_IN_REPLY else ""
-    return f"{head}: {shown}{more}"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import __version__
+from service.errors import LoginRefusalReason
 from service.ops import metrics
 
 EXPECTED = {
@@ -85,3 +88,9 @@ def test_render_is_prometheus_text_with_current_values() -> None:
     }
     assert samples[("pointgate_messages_total", tuple(sorted(labels.items())))] == before + 1
     assert samples[("pointgate_build_info", (("version", __version__),))] == 1
+
+
+def test_login_refusal_reasons_are_auth_failure_labels() -> None:
+    """Every reason a CONNECT can be refused with while parsing is a pre-created auth-failure label."""
+    assert set(get_args(LoginRefusalReason)) <= set(metrics.AUTH_FAILURE_REASONS)
+    assert "client_cert_required" not in metrics.AUTH_FAILURE_REASONS  # the TLS handshake refuses that, not us

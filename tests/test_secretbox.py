@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from service.devices.secretbox import KEY_BYTES, SecretBox, SecretUnreadable, key_path, load_or_create_key, new_secret
-from service.errors import ConfigError
+from service.devices.secretbox import KEY_BYTES, SecretBox, key_path, load_or_create_key, new_secret
+from service.errors import ConfigError, SecretUnreadable
 from service.settings import load_settings
 
 AAD = b"pk1/dk1"

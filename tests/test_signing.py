@@ -6,7 +6,8 @@ import hashlib
 
 import pytest
 
-from service.protocol.signing import LoginRefused, expected_password, parse_login, verify_password
+from service.errors import LoginRefused
+from service.protocol.signing import expected_password, parse_login, verify_password
 
 WIRE_CLIENT_ID = "dkTest01|securemode=2,signmethod=hmacsha256,timestamp=1795466980552.2302|"
 WIRE_USERNAME = "dkTest01&pkTest01"

@@ -16,10 +16,11 @@ import structlog
 from amqtt.session import Session
 
 from service.broker.overrides import AckedMessage, now_ms
-from service.errors import ReplyCode
 from service.model.thingmodel import ThingModel
 from service.ops import metrics
-from service.pipeline import Outcome, allow_all_sub_devices, encode_reply, handle
+from service.pipeline import Outcome, allow_all_sub_devices, handle
+from service.protocol import replies
+from service.protocol.replies import ReplyCode
 from service.protocol.topics import RequestTopic
 from service.storage.writer import PointWriter
 
@@ -71,9 +72,9 @@ class Ingest:
 
     def reject_oversize(self, session: Session, topic: RequestTopic, size: int, packet_id: int | None) -> None:
         """A request too large to read: 1008 on its reply topic (its id is unknown: null)."""
-        detail = f"{ReplyCode.MESSAGE_TOO_LARGE.message}: packet is {size} bytes, at most {self._max_bytes}"
+        detail = replies.too_large(size, self._max_bytes, what="packet")
         self._log_rejection(session, topic, ReplyCode.MESSAGE_TOO_LARGE, detail)
-        reply = encode_reply(None, ReplyCode.MESSAGE_TOO_LARGE, detail)
+        reply = replies.encode(None, ReplyCode.MESSAGE_TOO_LARGE, detail)
         self._answer(topic, reply, ReplyCode.MESSAGE_TOO_LARGE, None, "rejected")
 
     def _on_commit(
@@ -84,8 +85,7 @@ class Ingest:
             metrics.MESSAGES.labels(api=topic.name, outcome="failed", code="none").inc()
             return
         if done.exception() is not None:
-            text = f"{ReplyCode.INTERNAL_ERROR.message}: points could not be stored"
-            reply = encode_reply(outcome.request_id, ReplyCode.INTERNAL_ERROR, text)
+            reply = replies.encode(outcome.request_id, ReplyCode.INTERNAL_ERROR, replies.not_stored())
             self._answer(topic, reply, ReplyCode.INTERNAL_ERROR, message, "failed")
             return
         self._answer(topic, outcome.reply(), ReplyCode.OK, message, "accepted")

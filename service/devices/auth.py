@@ -13,25 +13,15 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import asyncpg
 
 from service.devices.registry import get_credentials
 from service.devices.secretbox import SecretBox
+from service.errors import LoginRefused
 from service.ops.logs import get_logger
-from service.protocol.signing import LoginRefused, parse_login, verify_password
-
-AuthReason = Literal[
-    "bad_signature",
-    "unknown_device",
-    "disabled",
-    "malformed",
-    "anonymous_refused",
-    "unsupported_secure_mode",
-    "unsupported_sign_method",
-    "unavailable",
-]
+from service.ops.metrics import AuthFailureReason
+from service.protocol.signing import parse_login, verify_password
 
 _Key = tuple[str, str]
 _Credentials = tuple[str, bool] | None
@@ -50,7 +40,7 @@ class AuthResult:
     ok: bool
     product_key: str | None
     device_key: str | None
-    reason: AuthReason | None
+    reason: AuthFailureReason | None
 
 
 class DeviceAuthenticator:
@@ -86,7 +76,7 @@ class DeviceAuthenticator:
         except LoginRefused as exc:
             return AuthResult(False, None, None, exc.reason)
 
-        def refused(reason: AuthReason) -> AuthResult:
+        def refused(reason: AuthFailureReason) -> AuthResult:
             return AuthResult(False, req.product_key, req.device_key, reason)
 
         try:

@@ -13,28 +13,10 @@ from datetime import datetime
 import asyncpg
 
 from service.devices.secretbox import SecretBox, new_secret
-from service.errors import PointgateError
+from service.errors import DeviceExists, DeviceNotFound, InvalidKey
 from service.protocol.signing import key_problem
 
 Executor = asyncpg.Connection | asyncpg.Pool
-
-
-class DeviceExists(PointgateError):
-    """``add`` was asked for a device that is already registered."""
-
-    def __init__(self, product_key: str, device_key: str) -> None:
-        super().__init__(f"device {product_key}/{device_key} is already registered")
-
-
-class DeviceNotFound(PointgateError):
-    """The device named is not registered."""
-
-    def __init__(self, product_key: str, device_key: str, *, role: str = "device") -> None:
-        super().__init__(f"{role} {product_key}/{device_key} is not registered")
-
-
-class InvalidKey(PointgateError, ValueError):
-    """A product or device key that could never appear in a topic or a login."""
 
 
 @dataclass(frozen=True)
@@ -182,3 +164,16 @@ async def get_credentials(conn: Executor, box: SecretBox, product_key: str, devi
     if row is None:
         return None
     return box.open(row["secret_enc"], aad=_aad(product_key, device_key)), row["enabled"]
+
+
+SubDevicePair = tuple[tuple[str, str], tuple[str, str]]
+"""((gateway product, gateway device), (sub-device product, sub-device device))."""
+
+
+async def sub_device_pairs(conn: Executor) -> frozenset[SubDevicePair]:
+    """Every (gateway, sub-device) relation of enabled sub-devices: whom each gateway may write points for."""
+    records = await conn.fetch(
+        "SELECT gateway_product_key, gateway_device_key, product_key, device_key FROM devices"
+        " WHERE gateway_product_key IS NOT NULL AND enabled"
+    )
+    return frozenset(((r[0], r[1]), (r[2], r[3])) for r in records)

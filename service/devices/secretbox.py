@@ -20,17 +20,13 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from service.errors import ConfigError, ServiceFault
+from service.errors import ConfigError, SecretUnreadable
 from service.settings import Settings
 
 KEY_BYTES = 32
 _VERSION = b"\x01"  # lets a later format (or key rotation) coexist with rows sealed by this one
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
-
-
-class SecretUnreadable(ServiceFault):
-    """A sealed secret does not open: wrong key file, or the stored bytes were altered."""
 
 
 def new_secret() -> str:

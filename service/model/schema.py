@@ -14,7 +14,6 @@ failed, in words a device operator can act on.
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import re
 import sys
@@ -26,6 +25,7 @@ from jsonschema.exceptions import SchemaError
 from jsonschema.protocols import Validator
 
 from service.errors import ModelError
+from service.protocol.replies import json_type, quote, show
 
 INT32_MIN: Final = -(2**31)
 INT32_MAX: Final = 2**31 - 1
@@ -459,30 +459,3 @@ def _describe(error: ValidationError) -> str:
         extra = quote(next(name for name in instance if name not in schema["properties"]))
         return f"{QUALITY_SHAPE}, unexpected key {extra}" if wrapper else f"unknown member {extra}"
     return error.message  # our own keywords already speak plainly
-
-
-def json_type(value: object) -> str:
-    """The JSON name of a value's type, with the value itself when it is a short scalar."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean {show(value)}"
-    if isinstance(value, int):
-        return f"integer {show(value)}"
-    if isinstance(value, float):
-        return f"number {show(value)}"
-    if isinstance(value, str):
-        return "string"
-    return "array" if isinstance(value, list | tuple) else "object" if isinstance(value, dict) else type(value).__name__
-
-
-def show(value: object) -> str:
-    """A value as JSON, cut short so a hostile payload cannot flood a reply or a log line."""
-    text = quote(value) if isinstance(value, str) else json.dumps(value) if isinstance(value, bool) else str(value)
-    return text if len(text) <= 40 else text[:37] + "…"
-
-
-def quote(value: object) -> str:
-    """``value`` as a JSON literal, readable for any Unicode but never carrying NUL or a lone surrogate."""
-    text = json.dumps(value, ensure_ascii=False)
-    return json.dumps(value) if _SURROGATE.search(text) else text

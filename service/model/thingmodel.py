@@ -26,9 +26,9 @@ from service.model.schema import (
     explain,
     fast_test,
     name_problem,
-    quote,
     tree_problem,
 )
+from service.protocol.replies import quote
 
 _MODEL_KEYS = ("productKey", "validate", "measurepoints", "$schema")
 

@@ -11,6 +11,8 @@ are added to it explicitly.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -45,6 +47,11 @@ __all__ = [
     "WRITE_ERROR_REASONS",
     "WRITE_QUEUE_POINTS",
     "WRITE_SECONDS",
+    "AclAction",
+    "ApiName",
+    "AuthFailureReason",
+    "MessageOutcome",
+    "WriteErrorReason",
     "render",
 ]
 
@@ -53,23 +60,34 @@ ProcessCollector(registry=REGISTRY)
 PlatformCollector(registry=REGISTRY)
 GCCollector(registry=REGISTRY)
 
-# The closed sets of label values; a value outside them is a bug in the caller.
-API_NAMES = ("resume", "resume_batch", "post", "post_batch")
-MESSAGE_OUTCOMES = ("accepted", "rejected", "failed")
-WRITE_ERROR_REASONS = ("connection", "data", "other")
-AUTH_FAILURE_REASONS = (
+# The closed sets of label values, each defined once: the Literal types the callers are checked against
+# (mypy), and the tuples derived from them that pre-create every series at 0.
+ApiName = Literal["resume", "resume_batch", "post", "post_batch"]
+MessageOutcome = Literal["accepted", "rejected", "failed"]
+WriteErrorReason = Literal["connection", "data", "other"]
+AuthFailureReason = Literal[
+    # the CONNECT is not an EnOS login (service.errors.LoginRefusalReason, a subset of this set)
+    "malformed",
+    "unsupported_secure_mode",
+    "unsupported_sign_method",
+    # the login is, but the registry says no (service.devices.auth)
     "bad_signature",
     "unknown_device",
     "disabled",
-    "malformed",
     "anonymous_refused",
-    "client_cert_required",
-    "unsupported_secure_mode",
-    "unsupported_sign_method",
     "unavailable",
+    # the CONNECT's Will names a topic the device may not publish on (service.broker.overrides)
     "will_topic_denied",
-)
-ACL_ACTIONS = ("publish", "subscribe")
+]
+# No "client_cert_required": with tls_client_cafile set, the TLS handshake itself refuses a device without
+# a certificate, before any CONNECT, so no login check ever sees (or could count) that case.
+AclAction = Literal["publish", "subscribe"]
+
+API_NAMES: tuple[ApiName, ...] = get_args(ApiName)
+MESSAGE_OUTCOMES: tuple[MessageOutcome, ...] = get_args(MessageOutcome)
+WRITE_ERROR_REASONS: tuple[WriteErrorReason, ...] = get_args(WriteErrorReason)
+AUTH_FAILURE_REASONS: tuple[AuthFailureReason, ...] = get_args(AuthFailureReason)
+ACL_ACTIONS: tuple[AclAction, ...] = get_args(AclAction)
 
 # --- messages and replies -------------------------------------------------------------------------
 MESSAGES = Counter(
@@ -155,10 +173,10 @@ DRAINING = Gauge(
 
 BUILD_INFO.labels(version=__version__).set(1)
 # Known label values start at 0, so rate() and absent() work before the first event.
-for _reason in AUTH_FAILURE_REASONS:
-    AUTH_FAILURES.labels(reason=_reason)
-for _reason in WRITE_ERROR_REASONS:
-    WRITE_ERRORS.labels(reason=_reason)
+for _auth_reason in AUTH_FAILURE_REASONS:
+    AUTH_FAILURES.labels(reason=_auth_reason)
+for _write_reason in WRITE_ERROR_REASONS:
+    WRITE_ERRORS.labels(reason=_write_reason)
 for _action in ACL_ACTIONS:
     ACL_DENIALS.labels(action=_action)
 

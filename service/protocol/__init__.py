@@ -1,4 +1,5 @@
-"""The EnOS device protocol, pure: topics, request envelopes, login signatures. No I/O, no broker.
+"""The EnOS device protocol, pure: topics, request envelopes, replies (codes, encoding, wording), login signatures.
 
-May import: ``service.errors`` only.
+No I/O, no broker. May import: ``service.errors`` only (``replies`` imports nothing of pointgate, so
+``service.errors`` can take its reply codes from it).
 """

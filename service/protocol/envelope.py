@@ -11,7 +11,9 @@ from typing import Any
 
 import orjson
 
-from service.errors import DeviceFault, ReplyCode
+from service.errors import DeviceFault
+from service.protocol import replies
+from service.protocol.replies import ReplyCode, json_type, show
 from service.protocol.topics import RequestTopic
 
 VERSIONS = frozenset({"1.0", "1.1"})
@@ -48,12 +50,11 @@ def decode(payload: bytes, topic: RequestTopic, *, received_ms: int, max_bytes: 
         body = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         body, error = None, exc
-    if len(payload) > max_bytes:
+    if replies.is_too_large(len(payload), max_bytes):
         # it was read anyway (it fit in a packet), so the reply can still echo its id
         request_id = body.get("id") if isinstance(body, dict) else None
-        raise DeviceFault(
-            ReplyCode.MESSAGE_TOO_LARGE, f"payload is {len(payload)} bytes, at most {max_bytes}", request_id=request_id
-        )
+        detail = replies.too_large_detail(len(payload), max_bytes)
+        raise DeviceFault(ReplyCode.MESSAGE_TOO_LARGE, detail, request_id=request_id)
     if error is not None:
         raise DeviceFault(ReplyCode.PAYLOAD_FORMAT_ERROR, f"payload is not valid JSON ({error})")
     if not isinstance(body, dict):
@@ -65,31 +66,31 @@ def decode(payload: bytes, topic: RequestTopic, *, received_ms: int, max_bytes: 
         return DeviceFault(code, detail, request_id=request_id)
 
     if request_id is not None and (not isinstance(request_id, str | int) or isinstance(request_id, bool)):
-        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"id must be a string, got {_json_type(request_id)}")
+        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"id must be a string, got {json_type(request_id)}")
     version = body.get("version")
     if version is not None and version not in VERSIONS:
-        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f'version must be "1.0" or "1.1", got {_show(version)}')
+        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f'version must be "1.0" or "1.1", got {show(version)}')
     method = body.get("method")
     if not isinstance(method, str):
-        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"method must be a string, got {_json_type(method)}")
+        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"method must be a string, got {json_type(method)}")
     if method != topic.method:
         raise refuse(ReplyCode.METHOD_MISMATCH, f"method {method!r} does not match topic, expected {topic.method!r}")
 
     params = body.get("params")
     if not topic.batch:
         if not isinstance(params, dict):
-            raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"params must be an object, got {_json_type(params)}")
+            raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"params must be an object, got {json_type(params)}")
         item = _item(params, topic, received_ms, "params", ReplyCode.PAYLOAD_FORMAT_ERROR, request_id)
         return Request(request_id, [item])
 
     code = ReplyCode.BATCH_FORMAT_ERROR
     if not isinstance(params, list):
-        raise refuse(code, f"params must be an array, got {_json_type(params)}")
+        raise refuse(code, f"params must be an array, got {json_type(params)}")
     items = []
     for index, entry in enumerate(params):
         where = f"params[{index}]"
         if not isinstance(entry, dict):
-            raise refuse(code, f"{where} must be an object, got {_json_type(entry)}")
+            raise refuse(code, f"{where} must be an object, got {json_type(entry)}")
         items.append(_item(entry, topic, received_ms, where, code, request_id))
     return Request(
         request_id,
@@ -105,14 +106,14 @@ def _item(
     points = entry.get("measurepoints")
     if not isinstance(points, dict):
         raise DeviceFault(
-            code, f"{where}.measurepoints must be an object, got {_json_type(points)}", request_id=request_id
+            code, f"{where}.measurepoints must be an object, got {json_type(points)}", request_id=request_id
         )
     time_ms = entry.get("time")
     if time_ms is None:
         time_ms = received_ms
     elif not isinstance(time_ms, int) or isinstance(time_ms, bool):
         raise DeviceFault(
-            code, f"{where}.time must be integer milliseconds, got {_show(time_ms)}", request_id=request_id
+            code, f"{where}.time must be integer milliseconds, got {show(time_ms)}", request_id=request_id
         )
     elif not 0 <= time_ms <= MAX_TIME_MS:
         raise DeviceFault(code, f"{where}.time {time_ms} is out of range", request_id=request_id)
@@ -124,7 +125,7 @@ def _item(
         elif isinstance(value, str):
             keys.append(value)
         else:
-            raise DeviceFault(code, f"{where}.{field} must be a string, got {_json_type(value)}", request_id=request_id)
+            raise DeviceFault(code, f"{where}.{field} must be a string, got {json_type(value)}", request_id=request_id)
     return Item(keys[0], keys[1], time_ms, points)
 
 
@@ -136,22 +137,5 @@ def _flag(body: dict[str, Any], name: str, request_id: Any) -> bool:
     if value is True:
         return True
     raise DeviceFault(
-        ReplyCode.BATCH_FORMAT_ERROR, f"{name} must be true or false, got {_show(value)}", request_id=request_id
+        ReplyCode.BATCH_FORMAT_ERROR, f"{name} must be true or false, got {show(value)}", request_id=request_id
     )
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    return "array" if isinstance(value, list) else "object"
-
-
-def _show(value: object) -> str:
-    text = orjson.dumps(value).decode()
-    return text if len(text) <= 40 else text[:37] + "..."

@@ -22,8 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from service.errors import LoginRefused
+
 SignMethod = Literal["sha256", "sha1", "md5"]
-RefusalReason = Literal["malformed", "unsupported_secure_mode", "unsupported_sign_method"]
 
 # The names SDKs put in `signmethod=` (any case). The "hmac" spellings are not HMACs: every SDK hashes the
 # concatenation plainly, so they map to the same digest.
@@ -60,15 +61,6 @@ class LoginRequest:
     timestamp: str
     product_key: str
     device_key: str
-
-
-class LoginRefused(Exception):
-    """The CONNECT fields cannot be a valid EnOS login; ``reason`` says which way."""
-
-    def __init__(self, reason: RefusalReason, detail: str) -> None:
-        self.reason: RefusalReason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}")
 
 
 def key_problem(key: str) -> str | None:

@@ -13,8 +13,8 @@ import pytest
 
 from service.devices import registry as devices
 from service.devices.auth import DeviceAuthenticator
-from service.devices.registry import DeviceExists, DeviceNotFound, InvalidKey
 from service.devices.secretbox import KEY_BYTES, SecretBox
+from service.errors import DeviceExists, DeviceNotFound, InvalidKey
 
 
 @pytest.fixture
