@@ -9,6 +9,7 @@ import subprocess
 import sys
 from array import array
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -173,3 +174,26 @@ def test_ingest_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     # the exit code says whether every check held (a PUBACK overtaking its reply fails the run)
     early = record["targets"]["puback_before_reply"]["count"]
     assert proc.returncode == (0 if early == 0 else 1), proc.stderr[-3000:]
+
+
+def _record(pointgate_msg_s: float, stock_msg_s: float, p99: float) -> dict[str, Any]:
+    common = {"devices": 10, "refill": "reply", "workers": 1, "idle_devices": 0, "rate": 0.0, "duration": 0.0}
+    return {
+        "args": {"idle": False, "rate": 0.0},
+        "extra": {},
+        "phases": [
+            dict(common, server="pointgate", msg_s=pointgate_msg_s, latency_ms={"p99": p99}, load_before=[1, 1, 1]),
+            dict(common, server="amqtt", refill="puback", msg_s=stock_msg_s, latency_ms={}, load_before=[2, 1, 1]),
+        ],
+    }
+
+
+def test_summarise_takes_the_ratio_inside_each_run_then_the_median() -> None:
+    from benchmarks.summarise import collect, table
+
+    groups = collect([_record(1000, 500, 10), _record(3000, 1000, 30), _record(2000, 2000, 20)])
+    rows = groups[("pointgate", 1, 10, "reply", "max")]
+    assert [round(r["ratio"], 2) for r in rows] == [2.0, 3.0, 1.0]
+    line = next(x for x in table(groups) if x.startswith("pointgate"))
+    assert "| 2000 (1000–3000) | 2.00 (1.00–3.00) |" in line
+    assert "| 20.0 (10.0–30.0) |" in line
