@@ -102,7 +102,10 @@ class Service:
         box = SecretBox(load_or_create_key(key_path(settings)))
         self._pool = pool = await asyncpg.create_pool(dsn, min_size=0, max_size=2, timeout=5)
         self.writer = writer = PointWriter(
-            dsn, batch_points=settings.write_batch_points, schema_ready=state.schema_ready
+            dsn,
+            batch_points=settings.write_batch_points,
+            connections=settings.write_connections,
+            schema_ready=state.schema_ready,
         )
         self.broker = broker = PointgateBroker(
             config,

@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     connect_timeout: float = Field(10.0, gt=0, description="seconds a new connection has to send CONNECT")
     drain_timeout: float = Field(8.0, gt=0, description="seconds to commit in-flight data on SIGTERM")
     write_batch_points: int = Field(5000, ge=1, description="most points in one database transaction")
+    write_connections: int = Field(2, ge=1, le=32, description="database connections writing points in parallel")
     embedded_user: str | None = Field(None, description="user that runs the embedded PostgreSQL when root")
     embedded_port: int | None = Field(None, ge=1, le=65535, description="also expose the embedded DB on 127.0.0.1")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
