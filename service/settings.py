@@ -10,6 +10,7 @@ import contextvars
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -24,6 +25,15 @@ from service.resources import schemas_dir
 
 # the TOML file for the Settings being built right now (load_settings' argument), without touching os.environ
 _config_file: contextvars.ContextVar[str | None] = contextvars.ContextVar("pointgate_config_file", default=None)
+
+
+DEFAULT_CONSUME_FILTERS = (
+    # the topics start with "/", so the filter after the group name starts with an empty level: "//sys"
+    "/sys/+/+/thing/measurepoint/resume",
+    "/sys/+/+/thing/measurepoint/resume/batch",
+    "/sys/+/+/thing/measurepoint/post",
+    "/sys/+/+/thing/measurepoint/post/batch",
+)
 
 
 def _default_data_dir() -> Path:
@@ -41,6 +51,21 @@ def parse_bind(value: str, *, default_host: str = "0.0.0.0") -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
     return (host.strip("[]") or default_host), int(port)
+
+
+def parse_broker_url(value: str) -> tuple[bool, str, int]:
+    """Split ``mqtt://HOST[:PORT]`` / ``mqtts://HOST[:PORT]`` into (tls, host, port); ports default to 1883/8883."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or parts.path not in ("", "/"):
+        raise ValueError(f"expected mqtt://HOST:PORT or mqtts://HOST:PORT, got {value!r}")
+    if parts.username or parts.password:
+        raise ValueError("put broker credentials in broker_username/broker_password, not in the URL")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"bad port in {value!r}") from None
+    tls = parts.scheme == "mqtts"
+    return tls, parts.hostname, port or (8883 if tls else 1883)
 
 
 class Settings(BaseSettings):
@@ -69,12 +94,43 @@ class Settings(BaseSettings):
     embedded_port: int | None = Field(None, ge=1, le=65535, description="also expose the embedded DB on 127.0.0.1")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = "auto"
+    # `pointgate consume`: the cluster broker it reads requests from (docs/scale-out.md)
+    broker_url: str | None = Field(None, description="mqtt://HOST:PORT or mqtts://HOST:PORT of the cluster broker")
+    broker_username: str | None = None
+    broker_password: SecretStr | None = None
+    broker_client_id: str | None = Field(None, description="unique per consumer; default pointgate-HOSTNAME-PID")
+    broker_protocol: Literal["5", "3.1.1"] = "5"
+    broker_tls_cafile: Path | None = Field(None, description="CA for the broker's certificate (mqtts; default: system)")
+    broker_tls_certfile: Path | None = Field(None, description="client certificate for the broker (PEM)")
+    broker_tls_keyfile: Path | None = None
+    broker_keepalive: int = Field(30, ge=5, le=3600)
+    broker_session_expiry: int = Field(0, ge=0, description="0: clean session; >0: seconds the broker keeps it")
+    consume_group: str = Field("pointgate", pattern=r"^[^/+#]+$", description="shared subscription group name")
+    consume_filters: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_CONSUME_FILTERS), min_length=1, description="topic filters to share"
+    )
+    consume_max_in_flight: int = Field(
+        1000, ge=1, le=65535, description="messages held before commit (MQTT 5 Receive Maximum)"
+    )
+    # broker authentication endpoints (serve and consume): off unless a secret or a client CA is set
+    auth_bind: str | None = Field(None, description="own listener for the auth endpoints; default: the ops one")
+    auth_secret: SecretStr | None = Field(None, description="the broker sends it as 'Authorization: Bearer …'")
+    auth_tls_certfile: Path | None = Field(None, description="HTTPS certificate for --auth-bind")
+    auth_tls_keyfile: Path | None = None
+    auth_tls_client_cafile: Path | None = Field(None, description="CA for the broker's client certificate (mTLS)")
 
-    @field_validator("mqtt_bind", "mqtts_bind", "http_bind")
+    @field_validator("mqtt_bind", "mqtts_bind", "http_bind", "auth_bind")
     @classmethod
     def _check_bind(cls, value: str | None) -> str | None:
         if value is not None:
             parse_bind(value)
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_broker_url(value)
         return value
 
     @field_validator("log_level", mode="before")

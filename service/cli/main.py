@@ -190,6 +190,15 @@ def _mount_devices() -> None:
 _mount_devices()
 
 
+def _mount_consume() -> None:
+    from service.cli.consume import consume
+
+    app.command()(consume)
+
+
+_mount_consume()
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="pointgate")
