@@ -22,11 +22,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from service.errors import ReplyCode
 from service.model.thingmodel import ThingModel
 from service.ops import metrics
 from service.ops.logs import get_logger
-from service.pipeline import Outcome, encode_reply, handle
+from service.pipeline import Outcome, handle
+from service.protocol import replies
+from service.protocol.replies import ReplyCode
 from service.protocol.topics import RequestTopic, parse_request_topic
 from service.storage.writer import PointWriter
 
@@ -145,15 +146,15 @@ class Consumer:
             metrics.MESSAGES.labels(api=topic.name, outcome="failed", code="none").inc()
             held.acknowledge = False
         elif done.exception() is not None:
-            text = f"{ReplyCode.INTERNAL_ERROR.message}: points could not be stored"
-            self._answer(topic, encode_reply(outcome.request_id, ReplyCode.INTERNAL_ERROR, text), 500, "failed")
+            reply = replies.encode(outcome.request_id, ReplyCode.INTERNAL_ERROR, replies.not_stored())
+            self._answer(topic, reply, ReplyCode.INTERNAL_ERROR, "failed")
         else:
             self._answer(topic, outcome.reply(), ReplyCode.OK, "accepted")
         self._settle(held)
 
-    def _answer(self, topic: RequestTopic, payload: bytes, code: int, result: str) -> None:
-        metrics.MESSAGES.labels(api=topic.name, outcome=result, code=str(code)).inc()
-        metrics.REPLIES.labels(code=str(code)).inc()
+    def _answer(self, topic: RequestTopic, payload: bytes, code: ReplyCode, result: metrics.MessageOutcome) -> None:
+        metrics.MESSAGES.labels(api=topic.name, outcome=result, code=str(int(code))).inc()
+        metrics.REPLIES.labels(code=str(int(code))).inc()
         self._link.publish(topic.reply_topic, payload)
 
     def _settle(self, held: _Held) -> None:

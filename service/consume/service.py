@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 
 from service import __version__
+from service.devices.registry import sub_device_pairs
 from service.model.thingmodel import load_models
 from service.ops import metrics
 from service.ops.http import OpsServer
@@ -201,11 +202,7 @@ class ConsumeService:
         await self._schema_ready.wait()
         while True:
             try:
-                records = await pool.fetch(
-                    "SELECT gateway_product_key, gateway_device_key, product_key, device_key FROM devices"
-                    " WHERE gateway_product_key IS NOT NULL AND enabled"
-                )
-                consumer.sub_devices = frozenset(((r[0], r[1]), (r[2], r[3])) for r in records)
+                consumer.sub_devices = await sub_device_pairs(pool)
             except Exception as exc:
                 log.warning("could not refresh sub-devices", error=str(exc) or type(exc).__name__)
             await asyncio.sleep(_TOPOLOGY_REFRESH_SECONDS)
