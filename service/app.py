@@ -22,6 +22,7 @@ from service.broker.ingest import Ingest
 from service.broker.overrides import PointgateBroker
 from service.devices import registry
 from service.devices.auth import DeviceAuthenticator
+from service.devices.brokerauth import AuthServer, check_auth_settings, endpoints
 from service.devices.secretbox import SecretBox, key_path, load_or_create_key
 from service.errors import ConfigError
 from service.model.thingmodel import ThingModel, load_models
@@ -65,6 +66,7 @@ class Service:
         self.broker: PointgateBroker | None = None
         self.writer: PointWriter | None = None
         self.ops: OpsServer | None = None
+        self.auth_server: AuthServer | None = None
         self.dsn = ""
         self._pool: asyncpg.Pool | None = None
         self._migrator: asyncio.Task[None] | None = None
@@ -96,6 +98,7 @@ class Service:
         metrics.MODELS_LOADED.set(len(models))
         self.state = state = _State(models)
         config = broker_config(settings)  # refuses a bad TLS setup before anything is started
+        check_auth_settings(settings)
 
         self.dsn = dsn = await self._stack.enter_async_context(database_dsn(settings))
         # after the embedded server prepared the data directory (its modes matter to the PostgreSQL user)
@@ -134,10 +137,17 @@ class Service:
             return None if state.models else "no thing models loaded"
 
         host, port = parse_bind(settings.http_bind, default_host="127.0.0.1")
+        # the broker auth endpoints (docs/scale-out.md), for a cluster broker in front: off unless guarded
+        routes, self.auth_server = endpoints(settings, DeviceAuthenticator(pool, box, allow_anonymous=False))
         self.ops = ops = OpsServer(
-            host, port, {"database": database_check, "migrations": migrations_check, "models": models_check}
+            host,
+            port,
+            {"database": database_check, "migrations": migrations_check, "models": models_check},
+            routes=routes,
         )
         await ops.start()
+        if self.auth_server is not None:
+            await self.auth_server.start()
         log.info(
             "pointgate started",
             version=__version__,
@@ -178,6 +188,8 @@ class Service:
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pool.close(), 2)
+        if self.auth_server is not None:
+            await self.auth_server.stop()
         await ops.stop()
         await self._stack.aclose()
         log.info("pointgate stopped")

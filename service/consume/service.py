@@ -18,9 +18,13 @@ import signal
 from collections.abc import Awaitable, Callable
 
 import asyncpg
+from aiohttp import web
 
 from service import __version__
+from service.devices.auth import DeviceAuthenticator
+from service.devices.brokerauth import AuthServer, auth_enabled, check_auth_settings, endpoints
 from service.devices.registry import sub_device_pairs
+from service.devices.secretbox import SecretBox, key_path, load_or_create_key
 from service.model.thingmodel import load_models
 from service.ops import metrics
 from service.ops.http import OpsServer
@@ -77,6 +81,7 @@ class ConsumeService:
         self.link: BrokerLink | None = None
         self.consumer: Consumer | None = None
         self.ops: OpsServer | None = None
+        self.auth_server: AuthServer | None = None
         self.dsn = ""
 
     async def start(self) -> None:
@@ -85,6 +90,7 @@ class ConsumeService:
         models = load_models(settings.models)  # a malformed model stops start-up here (ModelError)
         metrics.MODELS_LOADED.set(len(models))
         options = link_options(settings)
+        check_auth_settings(settings)
         self.dsn = dsn = await self._stack.enter_async_context(database_dsn(settings))
         self._pool = pool = await asyncpg.create_pool(dsn, min_size=0, max_size=2, timeout=5)
         self.writer = writer = PointWriter(
@@ -121,9 +127,16 @@ class ConsumeService:
             "database": database_check,
             "migrations": migrations_check,
         }
+        routes: list[web.RouteDef] = []
+        if auth_enabled(settings):
+            # the broker logs devices in through us: the registry's secrets need the key they were sealed with
+            box = SecretBox(load_or_create_key(key_path(settings)))
+            routes, self.auth_server = endpoints(settings, DeviceAuthenticator(pool, box, allow_anonymous=False))
         host, port = parse_bind(settings.http_bind, default_host="127.0.0.1")
-        self.ops = ops = OpsServer(host, port, checks)
+        self.ops = ops = OpsServer(host, port, checks, routes=routes)
         await ops.start()
+        if self.auth_server is not None:
+            await self.auth_server.start()
         log.info(
             "pointgate consume started",
             version=__version__,
@@ -161,6 +174,8 @@ class ConsumeService:
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pool.close(), 2)
+        if self.auth_server is not None:
+            await self.auth_server.stop()
         if self.ops is not None:
             await self.ops.stop()
         await self._stack.aclose()
@@ -170,6 +185,9 @@ class ConsumeService:
         """Release what a failed `start` had already taken."""
         for task in self._tasks:
             task.cancel()
+        for server in (self.auth_server, self.ops):
+            if server is not None:
+                await server.stop()
         if self.writer is not None:
             await self.writer.close()
         if self._pool is not None:

@@ -12,7 +12,7 @@ run concurrently, each under a timeout, so one hung dependency cannot hang the p
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from aiohttp import web
 
@@ -30,8 +30,17 @@ _log = get_logger(__name__)
 class OpsServer:
     """An aiohttp server for the ops endpoints; ``port`` holds the bound port once started."""
 
-    def __init__(self, host: str, port: int, checks: Mapping[str, Check], *, check_timeout: float = 1.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        checks: Mapping[str, Check],
+        *,
+        check_timeout: float = 1.0,
+        routes: Sequence[web.RouteDef] = (),
+    ) -> None:
         self.host = host
+        self._routes = list(routes)  # more endpoints on this listener (the broker auth endpoints)
         self.port = port
         self._checks = dict(checks)
         self._check_timeout = check_timeout
@@ -47,6 +56,7 @@ class OpsServer:
                 web.get("/livez", self._livez),
                 web.get("/readyz", self._readyz),
                 web.get("/metrics", self._metrics),
+                *self._routes,
             ]
         )
         # No access log: probes and scrapes hit these every few seconds and would drown the real lines.

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import ssl
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from tests.consume.conftest import Mosquitto, RunningConsumer, free_port
 from tests.support import SAMPLE, Device, fetch, resume_topic
@@ -147,3 +150,33 @@ def test_broker_unreachable_at_start_then_found(
     assert dev.connect() == 0
     assert dev.request(TOPIC, SAMPLE)["code"] == 200
     dev.close()
+
+
+def test_consumer_serves_the_auth_endpoints_over_mtls(
+    broker: Mosquitto, start_consumer: Callable[..., RunningConsumer], scratch: Path
+) -> None:
+    """`--auth-bind` with a client CA: the broker's certificate gets an answer, a caller without one gets no TLS."""
+    ca = trustme.CA()
+    server_cert, client_cert = ca.issue_cert("127.0.0.1"), ca.issue_cert("emqx-node-1")
+    server_cert.private_key_and_cert_chain_pem.write_to_path(str(scratch / "server.pem"))
+    ca.cert_pem.write_to_path(str(scratch / "ca.pem"))
+    consumer = start_consumer(
+        broker.url,
+        auth_bind="127.0.0.1:0",
+        auth_tls_certfile=scratch / "server.pem",
+        auth_tls_keyfile=scratch / "server.pem",
+        auth_tls_client_cafile=scratch / "ca.pem",
+    )
+    assert consumer.service.auth_server is not None
+    url = f"https://127.0.0.1:{consumer.service.auth_server.port}/auth/emqx/authz"
+    body = json.dumps({"username": "dev1&inverter01", "topic": "/sys/inverter01/dev1/x", "action": "publish"})
+    request = urllib.request.Request(url, data=body.encode(), headers={"content-type": "application/json"})
+    with_cert = ssl.create_default_context()
+    ca.configure_trust(with_cert)
+    client_cert.configure_cert(with_cert)
+    with urllib.request.urlopen(request, timeout=5, context=with_cert) as response:  # noqa: S310 - https loopback
+        assert json.loads(response.read()) == {"result": "allow"}
+    without_cert = ssl.create_default_context()
+    ca.configure_trust(without_cert)
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(request, timeout=5, context=without_cert).read()  # noqa: S310
