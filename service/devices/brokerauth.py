@@ -18,6 +18,9 @@ same rules ``serve`` enforces (``service/broker/acl.py``). Formats (reference/cl
   or 403 ``{"Ok": false, "Error": …}``, which both the ``status`` and ``json`` response modes read; JSON,
   form or query-string parameters.
 
+The consumers' own broker account (``broker_username``/``broker_password``, when set) is accepted too, as a
+superuser, so one authenticator serves the whole cluster.
+
 Only the broker may call them: every request must carry the shared secret (``Authorization: Bearer <secret>``
 or ``X-Pointgate-Auth: <secret>``), or the endpoints listen on their own TLS listener that requires a client
 certificate. A refused caller gets 401. No password, signature or secret is ever logged.
@@ -90,9 +93,24 @@ _ACC: dict[str, str] = {"1": "read", "2": "publish", "3": "readwrite", "4": "sub
 class BrokerAuth:
     """The endpoints, bound to an authenticator and the shared secret (None: mTLS guards them instead)."""
 
-    def __init__(self, authenticator: DeviceAuthenticator, *, secret: str | None) -> None:
+    def __init__(
+        self,
+        authenticator: DeviceAuthenticator,
+        *,
+        secret: str | None,
+        service_account: tuple[str, str] | None = None,
+    ) -> None:
         self._authenticator = authenticator
         self._secret = secret.encode() if secret else None
+        # the consumers' own broker login (broker_username/broker_password): allowed, as a superuser
+        self._service_account = service_account
+
+    def _is_service_account(self, username: str | None, password: str | None) -> bool:
+        if self._service_account is None or username is None or password is None:
+            return False
+        name, secret = self._service_account
+        same_name = hmac.compare_digest(username.encode("utf-8", "replace"), name.encode())
+        return hmac.compare_digest(password.encode("utf-8", "replace"), secret.encode()) and same_name
 
     def routes(self) -> list[web.RouteDef]:
         """The aiohttp routes, each guarded by the secret check."""
@@ -136,6 +154,8 @@ class BrokerAuth:
     async def _emqx_authn(self, request: web.Request) -> web.Response:
         params = await _params(request)
         client_id, username, password = params.get("clientid"), params.get("username"), params.get("password")
+        if self._is_service_account(username, password):
+            return web.json_response({"result": "allow", "is_superuser": True})
         result = await self._authenticator.authenticate(client_id, username, password)
         if result.ok and result.product_key is not None and result.device_key is not None:
             pk, dk = result.product_key, result.device_key
@@ -173,6 +193,8 @@ class BrokerAuth:
     async def _http_user(self, request: web.Request) -> web.Response:
         params = await _params(request)
         client_id = params.get("clientid") or params.get("client_id")
+        if self._is_service_account(params.get("username"), params.get("password")):
+            return web.json_response({"Ok": True, "Error": ""})
         result = await self._authenticator.authenticate(client_id, params.get("username"), params.get("password"))
         if result.ok and result.product_key is not None:
             return web.json_response({"Ok": True, "Error": ""})
@@ -181,7 +203,10 @@ class BrokerAuth:
         return web.json_response({"Ok": False, "Error": reason}, status=503 if reason == "unavailable" else 403)
 
     async def _http_superuser(self, request: web.Request) -> web.Response:
-        # no device is a superuser; the consumers' own accounts belong to another backend
+        # no device is a superuser; the consumers' account is (go-auth asks with the username only)
+        params = await _params(request)
+        if self._service_account is not None and params.get("username") == self._service_account[0]:
+            return web.json_response({"Ok": True, "Error": ""})
         return web.json_response({"Ok": False, "Error": "not a superuser"}, status=403)
 
     async def _http_acl(self, request: web.Request) -> web.Response:
@@ -299,7 +324,11 @@ def endpoints(settings: Settings, authenticator: DeviceAuthenticator) -> tuple[l
     check_auth_settings(settings)
     if not auth_enabled(settings):
         return [], None
-    auth = BrokerAuth(authenticator, secret=settings.auth_secret.get_secret_value() if settings.auth_secret else None)
+    account = None
+    if settings.broker_username and settings.broker_password is not None:
+        account = (settings.broker_username, settings.broker_password.get_secret_value())
+    secret = settings.auth_secret.get_secret_value() if settings.auth_secret else None
+    auth = BrokerAuth(authenticator, secret=secret, service_account=account)
     if settings.auth_bind is not None:
         return [], AuthServer(settings, auth)
     return auth.routes(), None

@@ -225,3 +225,18 @@ def test_no_secret_in_any_log_line(service: RunningService, capsys: pytest.Captu
     assert "broker login refused" in logs
     for secret in (bad.password, AUTH_SECRET, SECRET, "guess-123"):
         assert secret not in logs
+
+
+def test_the_consumers_own_account_is_a_superuser(start_service: Callable[..., RunningService]) -> None:
+    """With broker_username/broker_password set, that login is allowed as a superuser; a wrong password is not."""
+    running = start_service(
+        allow_anonymous=False, auth_secret=AUTH_SECRET, broker_username="pointgate", broker_password="consumer-pw"
+    )
+    port = running.http_port
+    body = {"clientid": "pointgate-1", "username": "pointgate", "password": "consumer-pw"}
+    assert post(port, "/auth/emqx/authn", body) == (200, {"result": "allow", "is_superuser": True})
+    assert post(port, "/auth/emqx/authn", {**body, "password": "guess"})[1]["result"] != "allow"
+    assert post(port, "/auth/http/user", body)[0] == 200
+    assert post(port, "/auth/http/user", {**body, "password": "guess"})[0] == 403
+    assert post(port, "/auth/http/superuser", {"username": "pointgate"})[0] == 200
+    assert post(port, "/auth/http/superuser", {"username": f"dev1&{PK}"})[0] == 403
