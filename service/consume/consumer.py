@@ -107,7 +107,8 @@ class Consumer:
         if delivery.qos > 0:
             self._holding[key] = held
         self._idle.clear()
-        if len(self._held) >= self._max_in_flight and not self._paused:
+        if len(self._held) >= self._max_in_flight:
+            # every time, not once: a reconnect resumes reading (the CONNACK must be read) behind our back
             self._paused = True
             self._link.pause()
 

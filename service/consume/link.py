@@ -186,6 +186,7 @@ class BrokerLink:
         self._lost = asyncio.Event()
         self._connack = self._loop.create_future()
         self.generation += 1
+        self._paused = False  # a new connection is read from the start (its CONNACK); the consumer re-pauses
         await asyncio.to_thread(self._connect_blocking)
         if self._sock is None:  # pragma: no cover - paho opened no socket but raised nothing
             raise ConnectionError("no socket")

@@ -134,3 +134,6 @@ async def test_reading_pauses_at_the_bound_and_resumes_below_it() -> None:
     writer.futures[0].set_result(None)
     await settle()
     assert not link.paused and link.pauses == 1
+    link.paused = False  # a reconnect resumed reading behind the consumer's back
+    consumer.on_delivery(delivery(3))  # at the bound again: asked to pause again
+    assert link.paused and link.pauses == 2
