@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `service
 
 from benchmarks import loadgen
 from benchmarks.sampling import tree_cpu_s
-from benchmarks.servers import Database, free_port, stop_process, wait_ready_http
+from benchmarks.servers import Database, Server, free_port, stop_process, wait_ready_http
 from benchmarks.wire import PRODUCT_KEY
 
 MODELS = Path(__file__).resolve().parent / "models"
@@ -61,8 +62,6 @@ def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     log = (workdir / "mosquitto.log").open("wb")
     proc = subprocess.Popen([binary, "-c", str(config)], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 10
-    import socket
-
     while time.monotonic() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
@@ -72,8 +71,8 @@ def start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     raise RuntimeError("mosquitto did not start")
 
 
-def start_consumer(workdir: Path, name: str, broker_port: int, dsn: str, args: argparse.Namespace) -> tuple[Any, int]:
-    """One ``pointgate consume`` process; returns (process, ops port) once /readyz answers 200."""
+def start_consumer(workdir: Path, name: str, broker_port: int, dsn: str, args: argparse.Namespace) -> Server:
+    """One ``pointgate consume`` process, once its /readyz answers 200."""
     http_port = free_port()
     env = {
         **os.environ,
@@ -96,8 +95,8 @@ def start_consumer(workdir: Path, name: str, broker_port: int, dsn: str, args: a
         stderr=subprocess.STDOUT,
         cwd=Path(__file__).resolve().parent.parent,
     )
-    wait_ready_http(proc, http_port, log_path)
-    return proc, http_port
+    ready_s = wait_ready_http(proc, http_port, log_path)
+    return Server(name, proc, broker_port, log_path, ready_s=ready_s, http_port=http_port)
 
 
 def run_phase(
@@ -105,7 +104,8 @@ def run_phase(
 ) -> dict[str, Any]:
     """Start ``consumers`` consumers, drive ``args.messages`` requests through them, check every one."""
     mosquitto, port = broker
-    procs = [start_consumer(workdir, f"c{consumers}-{i}", port, db.dsn, args)[0] for i in range(consumers)]
+    servers = [start_consumer(workdir, f"c{consumers}-{i}", port, db.dsn, args) for i in range(consumers)]
+    procs = [server.proc for server in servers]
     prefix = f"n{consumers}-"
     keys = [f"{prefix}dev{i:04d}" for i in range(args.devices)]
     per = [args.messages // len(keys) + (1 if i < args.messages % len(keys) else 0) for i in range(len(keys))]
@@ -139,6 +139,7 @@ def run_phase(
             conn.send(("go", go))
         results = [loadgen.receive(child, args.timeout + 30, "running") for child in children]
         cpu_after = [tree_cpu_s(p.pid) for p in procs], tree_cpu_s(mosquitto.pid)
+        writes = [server.metrics() for server in servers]
     finally:
         loadgen.stop_children(children)
         for proc in procs:
@@ -157,6 +158,7 @@ def run_phase(
     steady = (hi - lo) / (recv[hi] - recv[lo]) if hi > lo and recv[hi] > recv[lo] else float("nan")
     rows, complete = db.stored(prefix, args.points)
     consumer_cpu = sum(a - b for a, b in zip(cpu_after[0], cpu_before[0], strict=True))
+    batches = sum(w.get("batches", 0.0) for w in writes)
     return {
         "consumers": consumers,
         "messages": args.messages,
@@ -167,6 +169,9 @@ def run_phase(
         "elapsed_s": elapsed,
         "consumer_us_per_msg": 1e6 * consumer_cpu / max(replies, 1),
         "mosquitto_us_per_msg": 1e6 * (cpu_after[1] - cpu_before[1]) / max(replies, 1),
+        "batch_points": sum(w.get("batch_points_sum", 0.0) for w in writes) / max(batches, 1.0),
+        "commit_ms": 1000 * sum(w.get("write_s", 0.0) for w in writes) / max(batches, 1.0),
+        "load_average": os.getloadavg(),
         "rows": rows,
         "complete_messages": len(complete),
         "timed_out": any(r["timed_out"] for r in results),
@@ -201,11 +206,23 @@ def main(argv: list[str] | None = None) -> int:
         stop_process(broker[0], "mosquitto")
         db.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"{'consumers':>9} {'msg/s':>8} {'points/s':>9} {'replies':>8} {'lost':>5} {'cons µs/msg':>11} {'mosq µs/msg':>11}")
+    heads = (
+        "consumers",
+        "msg/s",
+        "points/s",
+        "replies",
+        "lost",
+        "cons µs/msg",
+        "mosq µs/msg",
+        "batch pts",
+        "commit ms",
+    )
+    print(" ".join(f"{h:>{w}}" for h, w in zip(heads, (9, 8, 9, 8, 5, 11, 11, 9, 9), strict=True)))
     for p in phases:
         print(
             f"{p['consumers']:>9} {p['msg_per_s']:>8.0f} {p['points_per_s']:>9.0f} {p['replies']:>8} {p['lost']:>5}"
-            f" {p['consumer_us_per_msg']:>11.0f} {p['mosquitto_us_per_msg']:>11.0f}"
+            f" {p['consumer_us_per_msg']:>11.0f} {p['mosquitto_us_per_msg']:>11.0f} {p['batch_points']:>9.0f}"
+            f" {p['commit_ms']:>9.1f}"
         )
     print(json.dumps({"benchmark": "consume", "product": PRODUCT_KEY, "args": vars(args), "phases": phases}))
     return 0 if all(p["ok"] and not p["timed_out"] for p in phases) else 1
