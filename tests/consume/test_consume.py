@@ -180,3 +180,19 @@ def test_consumer_serves_the_auth_endpoints_over_mtls(
     ca.configure_trust(without_cert)
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
         urllib.request.urlopen(request, timeout=5, context=without_cert).read()  # noqa: S310
+
+
+def test_consumer_reconnects_after_the_broker_restarts(
+    broker: Mosquitto, start_consumer: Callable[..., RunningConsumer]
+) -> None:
+    """The broker goes away and comes back: readiness drops, the consumer reconnects and re-subscribes by itself."""
+    consumer = start_consumer(broker.url)
+    broker.stop()
+    wait_for(lambda: readyz(consumer.http_port)[0] == 503, 10, "readiness to notice the lost broker")
+    broker.start()
+    consumer.wait_subscribed(timeout=30)
+    dev = Device(broker.port, "dev1")
+    assert dev.connect() == 0
+    assert dev.request(TOPIC, SAMPLE)["code"] == 200
+    assert readyz(consumer.http_port)[0] == 200
+    dev.close()
