@@ -76,6 +76,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--qos", type=int, default=1, choices=(0, 1), help="QoS of the requests")
     parser.add_argument("--rate", type=float, default=0.0, help="open loop: total msg/s (0 = as fast as it goes)")
     parser.add_argument("--half", action="store_true", help="after each max-rate phase, rerun at half its rate")
+    parser.add_argument("--half-seconds", type=float, default=15.0, help="how long a --half phase sends")
     parser.add_argument(
         "--sustained",
         type=float,
@@ -190,7 +191,7 @@ class Run:
                     )
                 if args.half and not args.rate and first.msg_s == first.msg_s and first.msg_s > 0:
                     half = round(first.msg_s / 2)
-                    messages = max(args.messages, count) if not args.sustained else max(count, int(half * 20))
+                    messages = max(count, int(half * args.half_seconds))
                     self.run(
                         server,
                         f"{count} dev {refill} @{half}/s",
