@@ -109,6 +109,7 @@ class BrokerLink:
         self._unacked_replies: set[int] = set()
         self._waiting_replies: deque[tuple[str, bytes]] = deque()
         self._reply_window = _NO_LIMIT
+        self.replies_in_flight_peak = 0  # most replies unacknowledged by the broker at once (ops insight, tests)
         self._client_id = options.client_id or default_client_id()
         self._client = self._make_client()
 
@@ -268,6 +269,7 @@ class BrokerLink:
             return
         info = self._client.publish(topic, payload, qos=1)
         self._unacked_replies.add(info.mid)
+        self.replies_in_flight_peak = max(self.replies_in_flight_peak, len(self._unacked_replies))
 
     def pause(self) -> None:
         """Stop reading from the broker (in-flight bound reached); TCP flow control holds the rest."""
@@ -281,6 +283,11 @@ class BrokerLink:
             self._loop.add_reader(self._sock, self._read)
             self._loop.call_soon(self._read)  # bytes may have arrived while paused
         self._paused = False
+
+    @property
+    def reply_window(self) -> int:
+        """Most replies unacknowledged at once: the broker's Receive Maximum (MQTT 5), else unlimited (65535)."""
+        return self._reply_window
 
     @property
     def outgoing_pending(self) -> int:

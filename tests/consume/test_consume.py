@@ -196,3 +196,23 @@ def test_consumer_reconnects_after_the_broker_restarts(
     assert dev.request(TOPIC, SAMPLE)["code"] == 200
     assert readyz(consumer.http_port)[0] == 200
     dev.close()
+
+
+def test_replies_stay_within_the_brokers_receive_maximum(
+    make_broker: Callable[..., Mosquitto], start_consumer: Callable[..., RunningConsumer]
+) -> None:
+    """mosquitto announces Receive Maximum 5: the consumer never has more than 5 replies unacknowledged."""
+    broker = make_broker(max_inflight_messages="5").start()
+    consumer = start_consumer(broker.url)
+    link = consumer.service.link
+    assert link is not None and link.reply_window == 5
+    dev = Device(broker.port, "dev1")
+    assert dev.connect() == 0
+    dev.subscribe(TOPIC + "_reply")
+    for index in range(300):
+        dev.publish(TOPIC, request(index, float(index)))
+    wait_for(lambda: len(replies_by_id(dev, TOPIC)) == 300, 60, "300 replies")
+    assert set(replies_by_id(dev, TOPIC).values()) == {200}
+    # reached and held: commits release replies in batches far larger than 5, so without the gate it exceeds 5
+    assert link.replies_in_flight_peak == 5
+    dev.close()
