@@ -18,6 +18,7 @@ import asyncpg
 
 from service import __version__
 from service.broker.config import broker_config
+from service.broker.connection import Limits
 from service.broker.ingest import Ingest
 from service.broker.overrides import PointgateBroker
 from service.devices import registry
@@ -114,11 +115,19 @@ class Service:
             config,
             connect_timeout=settings.connect_timeout,
             max_packet_bytes=settings.max_payload_bytes + 65539,
+            limits=Limits(
+                max_inflight=settings.max_inflight_requests,
+                max_queued_bytes=settings.max_queued_bytes,
+                max_subscriptions=settings.max_subscriptions,
+                max_wildcard_subscriptions=settings.max_wildcard_subscriptions,
+                max_qos2_inflight=settings.max_qos2_inflight,
+            ),
+            session_expiry=settings.session_expiry,
         )
         broker.authenticator = DeviceAuthenticator(pool, box, allow_anonymous=settings.allow_anonymous)
-        broker.ingest = Ingest(broker, writer, models, max_payload_bytes=settings.max_payload_bytes)
+        broker.ingest = ingest = Ingest(writer, models, max_payload_bytes=settings.max_payload_bytes)
         self._migrator = asyncio.create_task(_migrate_when_reachable(dsn, state))
-        self._topology = asyncio.create_task(_refresh_sub_devices(pool, broker.ingest, state))
+        self._topology = asyncio.create_task(_refresh_sub_devices(pool, ingest, state))
         writer.start()
         # give migrations a moment, so a healthy start logs "started" with the schema in place; a database
         # that is down does not hold start-up (the migrator keeps trying and readiness says why)

@@ -88,6 +88,18 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(512 * 1024, ge=1024, le=64 * 1024 * 1024)
     connect_timeout: float = Field(10.0, gt=0, description="seconds a new connection has to send CONNECT")
     drain_timeout: float = Field(8.0, gt=0, description="seconds to commit in-flight data on SIGTERM")
+    max_inflight_requests: int = Field(
+        32, ge=1, le=65535, description="requests of one connection awaiting their commit before it is read no further"
+    )
+    max_queued_bytes: int = Field(
+        1 << 20, ge=65536, description="bytes waiting towards one device; past it the device is disconnected"
+    )
+    max_subscriptions: int = Field(100, ge=1, description="subscriptions one session may hold")
+    max_wildcard_subscriptions: int = Field(10, ge=0, description="subscriptions with + or # one session may hold")
+    max_qos2_inflight: int = Field(16, ge=1, le=65535, description="QoS 2 messages one connection may have unreleased")
+    session_expiry: float = Field(
+        86400.0, gt=0, description="seconds a persistent session outlives its device's last connection"
+    )
     write_batch_points: int = Field(5000, ge=1, description="most points in one database transaction")
     write_connections: int = Field(2, ge=1, le=32, description="database connections writing points in parallel")
     embedded_user: str | None = Field(None, description="user that runs the embedded PostgreSQL when root")

@@ -172,4 +172,10 @@ class Device:
 
     def close(self) -> None:
         self.client.disconnect()
-        self.client.loop_stop()
+        # paho's network thread clears client._thread as it ends; when the broker closes at once after the
+        # DISCONNECT, that can happen between loop_stop's check and its join (AttributeError on None)
+        thread = self.client._thread
+        if thread is not None:
+            self.client._thread_terminate = True
+            thread.join(10)
+            self.client._thread = None

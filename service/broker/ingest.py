@@ -1,33 +1,56 @@
 """Measurement-point requests inside the broker: pipeline decision, commit, then reply and PUBACK.
 
-The order is the delivery guarantee: a request the pipeline accepts is queued on the writer; only when its
-rows are committed does the 200 reply go out and the PUBACK get released. A refused request is answered (and
-acknowledged) at once; nothing of it is stored. If the commit cannot happen (the database is down) the device
-gets neither, and re-sends after reconnecting.
+The order is the delivery guarantee: a request the pipeline accepts is submitted to the point sink (the
+writer); only when its rows are committed is its ticket answered, which sends the 200 reply and releases the
+PUBACK. A refused request is answered at once; nothing of it is stored. If the commit cannot happen (the
+database is down) the ticket is never answered: the device gets neither reply nor PUBACK, and re-sends.
+
+`Ingest` depends only on two small protocols, so the decision path runs in unit tests with fakes: a
+`PointSink` (where points go: ``submit(rows) -> Future``) and a `Ticket` (where one request's answer goes).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+import math
+import time
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any, Protocol
 
 import structlog
-from amqtt.session import Session
 
-from service.broker.overrides import AckedMessage, now_ms
+from service.broker.acl import Identity
 from service.model.thingmodel import ThingModel
 from service.ops import metrics
-from service.pipeline import Outcome, allow_all_sub_devices, handle
+from service.pipeline import Outcome, Row, allow_all_sub_devices, handle
 from service.protocol import replies
 from service.protocol.replies import ReplyCode
 from service.protocol.topics import RequestTopic
-from service.storage.writer import PointWriter
-
-if TYPE_CHECKING:
-    from service.broker.overrides import PointgateBroker
 
 log = structlog.get_logger("pointgate.ingest")
+
+
+class PointSink(Protocol):
+    """Where accepted points go (service.storage.writer.PointWriter)."""
+
+    def submit(self, rows: Sequence[Row]) -> asyncio.Future[None]:
+        """Queue ``rows``; the future resolves once they are committed."""
+
+
+class Ticket(Protocol):
+    """Where one request's answer goes (the device's connection, in arrival order)."""
+
+    def answer(self, reply: bytes) -> None:
+        """Send ``reply`` (an encoded reply payload), then release the request's PUBACK."""
+
+    def abandon(self) -> None:
+        """The request will never be answered (shutting down): no reply, no PUBACK."""
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds since the epoch: a request's receive time."""
+    return math.floor(time.time() * 1000)
 
 
 class Ingest:
@@ -35,80 +58,84 @@ class Ingest:
 
     def __init__(
         self,
-        broker: PointgateBroker,
-        writer: PointWriter,
+        points: PointSink,
         models: Mapping[str, ThingModel],
         *,
         max_payload_bytes: int,
+        clock: Any = now_ms,
     ) -> None:
-        self._broker = broker
-        self._writer = writer
+        self._points = points
         self.models = models
         self._max_bytes = max_payload_bytes
+        self._clock = clock
         # (gateway, sub-device) pairs from the registry, refreshed by the service (app.py)
         self.sub_devices: frozenset[tuple[tuple[str, str], tuple[str, str]]] = frozenset()
+        self._counters: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def _registered_sub_device(self, gateway: tuple[str, str], sub_device: tuple[str, str]) -> bool:
         return (gateway, sub_device) in self.sub_devices
 
-    def accept(self, session: Session, topic: RequestTopic, message: AckedMessage) -> None:
+    def accept(self, topic: RequestTopic, payload: bytes, ticket: Ticket, *, device: Identity, client_id: str) -> None:
         """Decide on one request; answer it now (refused) or after its rows are committed (accepted)."""
         outcome = handle(
             topic,
-            bytes(message.data),
+            payload,
             models=self.models,
-            received_ms=now_ms(),
+            received_ms=self._clock(),
             max_bytes=self._max_bytes,
             # a signed-in gateway writes only for sub-devices registered under it; anonymous sessions
             # (development mode) have no identity to check, so the request's own flag decides
-            sub_device_ok=allow_all_sub_devices if "device" not in session.attributes else self._registered_sub_device,
+            sub_device_ok=allow_all_sub_devices if device is None else self._registered_sub_device,
         )
         if not outcome.accepted:
-            self._log_rejection(session, topic, outcome.code, outcome.message)
-            self._answer(topic, outcome.reply(), outcome.code, message, "rejected")
+            self._log_rejection(client_id, topic, outcome.code, outcome.message)
+            self._count(topic, "rejected", outcome.code)
+            ticket.answer(outcome.reply())
             return
-        committed = self._writer.submit(outcome.rows)
-        committed.add_done_callback(lambda done: self._on_commit(done, topic, outcome, message))
+        committed = self._points.submit(outcome.rows)
+        committed.add_done_callback(partial(self._on_commit, topic, outcome, ticket))
 
-    def reject_oversize(self, session: Session, topic: RequestTopic, size: int, packet_id: int | None) -> None:
+    def reject_oversize(self, topic: RequestTopic, size: int, ticket: Ticket, *, client_id: str) -> None:
         """A request too large to read: 1008 on its reply topic (its id is unknown: null)."""
         detail = replies.too_large(size, self._max_bytes, what="packet")
-        self._log_rejection(session, topic, ReplyCode.MESSAGE_TOO_LARGE, detail)
-        reply = replies.encode(None, ReplyCode.MESSAGE_TOO_LARGE, detail)
-        self._answer(topic, reply, ReplyCode.MESSAGE_TOO_LARGE, None, "rejected")
+        self._log_rejection(client_id, topic, ReplyCode.MESSAGE_TOO_LARGE, detail)
+        self._count(topic, "rejected", ReplyCode.MESSAGE_TOO_LARGE)
+        ticket.answer(replies.encode(None, ReplyCode.MESSAGE_TOO_LARGE, detail))
 
-    def _on_commit(
-        self, done: asyncio.Future[None], topic: RequestTopic, outcome: Outcome, message: AckedMessage
-    ) -> None:
+    def _on_commit(self, topic: RequestTopic, outcome: Outcome, ticket: Ticket, done: asyncio.Future[None]) -> None:
         if done.cancelled():
             # shutting down before the commit: no reply, no PUBACK; the device keeps the data and re-sends
             metrics.MESSAGES.labels(api=topic.name, outcome="failed", code="none").inc()
+            ticket.abandon()
             return
         if done.exception() is not None:
-            reply = replies.encode(outcome.request_id, ReplyCode.INTERNAL_ERROR, replies.not_stored())
-            self._answer(topic, reply, ReplyCode.INTERNAL_ERROR, message, "failed")
+            self._count(topic, "failed", ReplyCode.INTERNAL_ERROR)
+            ticket.answer(replies.encode(outcome.request_id, ReplyCode.INTERNAL_ERROR, replies.not_stored()))
             return
-        self._answer(topic, outcome.reply(), ReplyCode.OK, message, "accepted")
+        self._count(topic, "accepted", ReplyCode.OK)
+        ticket.answer(outcome.reply())
 
-    def _answer(
-        self, topic: RequestTopic, payload: bytes, code: ReplyCode, message: AckedMessage | None, result: str
-    ) -> None:
-        """Count, publish the reply, release the PUBACK. ``result`` is the metrics outcome label."""
-        metrics.MESSAGES.labels(api=topic.name, outcome=result, code=str(int(code))).inc()
-        metrics.REPLIES.labels(code=str(int(code))).inc()
-        self._broker.publish_reply(topic.reply_topic, payload)
-        if message is not None:
-            message.ack(True)
+    def _count(self, topic: RequestTopic, result: metrics.MessageOutcome, code: ReplyCode) -> None:
+        """Count a message and its reply (``result`` is the metrics outcome label); label lookups cached."""
+        key = (topic.name, result, int(code))
+        counters = self._counters.get(key)
+        if counters is None:
+            counters = self._counters[key] = (
+                metrics.MESSAGES.labels(api=topic.name, outcome=result, code=str(int(code))),
+                metrics.REPLIES.labels(code=str(int(code))),
+            )
+        counters[0].inc()
+        counters[1].inc()
 
     @staticmethod
-    def _log_rejection(session: Session, topic: RequestTopic, code: ReplyCode, reason: str) -> None:
+    def _log_rejection(client_id: str, topic: RequestTopic, code: ReplyCode, reason: str) -> None:
         # one line per rejected message; a device fault, so INFO, never ERROR, and never the payload itself
         log.info(
             "request rejected",
             product=topic.product_key,
             device=topic.device_key,
             topic=topic.topic,
-            client_id=session.client_id,
+            client_id=client_id,
             code=int(code),
             reason=reason,
         )

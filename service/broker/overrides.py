@@ -2,38 +2,39 @@
 
 amqtt is pinned exactly (pyproject) because this module subclasses its private classes. Each fix has a test in
 ``tests/integration/test_hardening.py`` that fails on stock amqtt. References are to
-``shared/reference/amqtt.md``.
+``shared/reference/amqtt.md``. After CONNECT a device's connection is a `service.broker.connection.Connection`
+(the lean packet path: H1–H4, strict framing and the per-connection limits are documented there).
 
-Handler (one per connection):
-  H1  PUBACK only after commit: amqtt PUBACKs a QoS 1 PUBLISH before anything saw it (§1.7); here it waits for
-      the message's ``acked`` future (resolved by the ingest after COMMIT, or at once for other topics) and
-      keeps PUBACKs in arrival order [MQTT-4.6.0-2]. The device's in-flight window becomes the backpressure.
-  H2  keep-alive enforced (§5 #1): no packet (nor the rest of a started one) for 1.5 × keep-alive closes the
-      connection, and the Will is sent.
-  H3  malformed packets close the connection (§5 #7) instead of "Message discarded" and a desynchronised stream;
-      PUBLISH with QoS 3 included, and an oversized PUBLISH whose topic is invalid or longer than the packet.
+Connection (service/broker/connection.py):
+  H1  PUBACK only after commit, in arrival order, after the request's reply (§1.7).
+  H2  keep-alive enforced (§5 #1): no bytes for 1.5 × keep-alive closes the connection, and the Will is sent.
+  H3  malformed packets close the connection at once (§5 #7, issue 8): every packet type framed strictly.
   H4  packet size limit (§2.6): an oversized PUBLISH is skipped without buffering it and answered with 1008 on
       its reply topic when it is a request topic; anything else oversized closes the connection.
 
 Broker:
-  B1  CONNECT timeout (§5 #2): a connection that sends no CONNECT within ``connect_timeout`` is closed.
+  B1  CONNECT timeout (§5 #2), and a CONNECT read strictly: anything but a well-formed CONNECT as the first
+      packet closes the socket at once (issue 8 #1: amqtt left it to the garbage collector).
   B2  authentication before any session is touched (§5 #4, #4b): a refused CONNECT can no longer delete, take
       over or kick a live device's session, nor plant a Will.
   B3  clean-session take-over closes the old connection (§5 #5), as persistent take-over already did; a clean
-      session is never resumed by a persistent CONNECT that comes before amqtt's monitor dropped it.
+      session is never resumed by a persistent CONNECT that comes before the session monitor dropped it.
   B4  retained messages on connect only for the session's own subscriptions (§5 #3), never other clients'.
   B5  Wills obey the publish ACL (§5 #4c) and the topic-name rules: checked at CONNECT (refused) and again when
       published.
   B6  a ``$``/wildcard topic PUBLISH closes the connection (§5 #6) instead of leaving a zombie.
-  B7  QoS downgraded to min(publish, subscription) (§5 #8).
-  B8  fan-out looks topics up in an index (exact filters by dict, wildcard filters in a set) instead of
-      matching every subscription of every client (§4.2: ~0.45 µs per subscription per message), and
-      per-session filter sets make disconnect O(own subscriptions).
+  B7  QoS downgraded to min(publish, subscription) (§5 #8); subscriptions are granted at most QoS 1.
+  B8  fan-out looks topics up in a tree of topic levels (subscriptions.TopicIndex) instead of matching every
+      subscription of every client (§4.2, issue 8 #5), and delivers synchronously to each connection: no
+      broadcast queue, no task per delivery.
   B9  topic ACL and measurement-point ingest are direct calls: amqtt's plugin dispatch makes one task per
       plugin per message (§1.3), which the hot path cannot afford.
   B10 sessions are keyed by device and client id: amqtt keys them by the client id alone, which the device
       chooses, so another device could take over a session (and its queued replies) by reusing the id.
-  B11 a SUBSCRIBE no longer renders every subscription into a debug string (O(N²) connects).
+  B11 the subscription map's repr is constant-size (amqtt rendered it on every SUBSCRIBE: O(N²) connects).
+  B12 lean sessions (issue 7 #4): no ``transitions`` state machine and no queues until one is needed.
+  B13 persistent sessions of devices that never return expire (``session_expiry``), counted as a limit hit;
+      the offline queue of a persistent session is bounded in bytes like a connection's.
 """
 
 from __future__ import annotations
@@ -41,262 +42,250 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import ssl
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from collections import deque
+from math import floor
+from typing import TYPE_CHECKING, Any
 
-from amqtt.broker import Broker
+from amqtt.broker import Broker, RetainedApplicationMessage
 from amqtt.contexts import Action, ListenerConfig
-from amqtt.errors import AMQTTError, MQTTError, NoDataError
-from amqtt.events import BrokerEvents, MQTTEvents
-from amqtt.mqtt import packet_class
-from amqtt.mqtt.constants import QOS_0, QOS_1
-from amqtt.mqtt.packet import PUBLISH, RESERVED_0, RESERVED_15, MQTTFixedHeader
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.mqtt.puback import PubackPacket
-from amqtt.mqtt.publish import PublishPacket
-from amqtt.session import IncomingApplicationMessage, Session
+from amqtt.errors import AMQTTError
+from amqtt.events import BrokerEvents
+from amqtt.session import Session
+from amqtt.utils import gen_client_id
 
 from service.broker import acl
+from service.broker.connection import Connection, LimitExceeded, Limits, RequestHandler
+from service.broker.subscriptions import TopicIndex
 from service.ops import metrics
-from service.protocol.topics import RequestTopic, parse_request_topic
+from service.protocol.topics import valid_filter, valid_topic
 
 if TYPE_CHECKING:
     from amqtt.adapters import ReaderAdapter, WriterAdapter
 
 log = logging.getLogger("pointgate.broker")
 
-# remaining length = 2 + topic (≤ 65535) + packet id (2) + payload
-_PUBLISH_OVERHEAD = 2 + 65535 + 2
-# beyond this an oversized PUBLISH is not even skipped through: the connection is closed
-_SKIP_FACTOR = 8
+# CONNACK return codes [MQTT-3.2.2.3]
+_ACCEPTED, _BAD_PROTOCOL, _BAD_ID, _BAD_LOGIN, _NOT_AUTHORIZED = 0, 1, 2, 4, 5
 
 
-class Ingest(Protocol):
-    """What the broker hands measurement-point requests to (service/broker/ingest.py)."""
-
-    def accept(self, session: Session, topic: RequestTopic, message: AckedMessage) -> None:
-        """Take a request; resolve ``message.acked`` when it is answered."""
-
-    def reject_oversize(self, session: Session, topic: RequestTopic, size: int, packet_id: int | None) -> None:
-        """Answer a request whose packet exceeded the size limit."""
+def connack(code: int, session_present: bool = False) -> bytes:
+    """A CONNACK packet."""
+    return bytes((0x20, 2, 1 if session_present else 0, code))
 
 
-class AckedMessage(IncomingApplicationMessage):
-    """An incoming PUBLISH with the future its PUBACK waits on (H1)."""
+class _State:
+    """What amqtt reads of a session's ``transitions`` machine (B12: the machine itself cost ~12 KB a session)."""
 
-    __slots__ = ("acked",)
+    __slots__ = ("_session", "state")
 
-    def __init__(self, packet_id: int | None, topic: str, qos: int | None, data: bytes, retain: bool) -> None:
-        super().__init__(packet_id, topic, qos, data, retain)
-        self.acked: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self.state = "new"
 
-    def ack(self, send_puback: bool = True) -> None:
-        """Release the PUBACK (or, with False, drop it: the connection is being closed)."""
-        if not self.acked.done():
-            self.acked.set_result(send_puback)
+    def is_connected(self) -> bool:
+        return self.state == "connected"
+
+    def connect(self) -> None:
+        if self.state == "connected":
+            raise RuntimeError("session already connected")
+        self.state = "connected"
+        self._session.last_connect_time = floor(time.time())
+        self._session.last_disconnect_time = None
+
+    def disconnect(self) -> None:
+        self.state = "disconnected"
+        self._session.last_disconnect_time = floor(time.time())
 
 
-class PointgateHandler(BrokerProtocolHandler):
-    """amqtt's per-connection protocol handler with H1–H4."""
+class PointgateSession(Session):
+    """amqtt's `Session` without the state machine and with queues created on first use (B12)."""
 
-    max_packet_bytes: int = 512 * 1024 + _PUBLISH_OVERHEAD
-    broker: PointgateBroker | None = None
+    def __init__(self) -> None:  # amqtt's __init__ builds what B12 avoids: not calling it is deliberate
+        self.transitions = _State(self)
+        self.remote_address: str | None = None
+        self.remote_port: int | None = None
+        self.client_id: str | None = None
+        self.clean_session: bool | None = None
+        self.will_flag = False
+        self.will_message: bytes | None = None
+        self.will_qos: int | None = None
+        self.will_retain: bool | None = None
+        self.will_topic: str | None = None
+        self.keep_alive = 0
+        self.publish_retry_delay = 0
+        self.broker_uri = None
+        self.username: str | None = None
+        self.password: str | None = None
+        self.cafile = self.capath = self.cadata = None
+        self._packet_id = 0
+        self.parent = 0
+        self.last_connect_time: int | None = None
+        self.ssl_object: Any = None
+        self.last_disconnect_time: int | None = None
+        self.attributes: dict[str, Any] = {}
+        self.inflight_out: dict[int, Any] = {}
+        self.inflight_in: dict[int, Any] = {}
+        self.is_anonymous = False
+        # offline queue of a persistent session: (topic, data, qos), bounded in bytes
+        self.offline: deque[tuple[str, bytes, int]] | None = None
+        self.offline_bytes = 0
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._ack_tail: asyncio.Future[None] | None = None
+    @property
+    def retained_messages(self) -> asyncio.Queue[Any]:
+        """amqtt's offline queue; unused here (`offline` replaces it), so always empty."""
+        return asyncio.Queue()
 
-    # H1 ------------------------------------------------------------------------------------------------
-    async def handle_publish(self, publish_packet: PublishPacket) -> None:
-        if publish_packet.topic_name is None or publish_packet.data is None or self.session is None:
-            return
-        packet_id = publish_packet.variable_header.packet_id if publish_packet.variable_header else None
-        message = AckedMessage(
-            packet_id, publish_packet.topic_name, publish_packet.qos, publish_packet.data, publish_packet.retain_flag
-        )
-        message.publish_packet = publish_packet
-        if message.qos != QOS_1:
-            if message.qos == QOS_0:
-                message.ack()
-            await self._handle_message_flow(message)  # QoS 0: queue it; QoS 2: amqtt's own four-way flow
-            return
-        # PUBACKs must leave in the order the PUBLISHes came in, whatever order the commits finish in
-        previous, done = self._ack_tail, self._loop.create_future()
-        self._ack_tail = done
+    @property
+    def delivered_message_queue(self) -> asyncio.Queue[Any]:
+        """amqtt's incoming queue; unused here (the connection hands messages on directly)."""
+        return asyncio.Queue()
+
+    def clear_queues(self) -> None:
+        self.offline = None
+        self.offline_bytes = 0
+
+
+class ConnectRefused(Exception):
+    """A first packet that is not an acceptable CONNECT; ``reply`` is the CONNACK to send first, if any."""
+
+    def __init__(self, reason: str, reply: bytes | None = None) -> None:
+        super().__init__(reason)
+        self.reply = reply
+
+
+async def read_connect(reader: asyncio.StreamReader, max_bytes: int) -> PointgateSession:
+    """Read and check the first packet (B1, MQTT 3.1.1 §3.1); a session for it, or `ConnectRefused`."""
+    first = (await reader.readexactly(1))[0]
+    if first != 0x10:
+        raise ConnectRefused(f"first packet is not a CONNECT (byte {first:#04x}) [MQTT-3.1.0-1]")
+    length, shift = 0, 0
+    while True:
+        byte = (await reader.readexactly(1))[0]
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+        if shift > 21:
+            raise ConnectRefused("malformed remaining length")
+    if length > max_bytes:
+        raise ConnectRefused(f"CONNECT of {length} bytes")
+    body = await reader.readexactly(length)
+    at = 0
+
+    def field() -> bytes:
+        nonlocal at
+        if at + 2 > len(body):
+            raise ConnectRefused("CONNECT field runs past the packet")
+        end = at + 2 + int.from_bytes(body[at : at + 2], "big")
+        if end > len(body):
+            raise ConnectRefused("CONNECT field runs past the packet")
+        value, at = body[at + 2 : end], end
+        return value
+
+    def text() -> str:
         try:
-            await self.session.delivered_message_queue.put(message)
-            send = await message.acked
-            if previous is not None:
-                await previous
-            if send and packet_id is not None:
-                await self._send_packet(PubackPacket.build(packet_id))
-        finally:
-            done.set_result(None)
+            return field().decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConnectRefused("CONNECT string is not valid UTF-8") from None
 
-    # H2 ------------------------------------------------------------------------------------------------
-    def _read_timeout(self) -> float | None:
-        keep_alive = self.session.keep_alive if self.session else 0
-        return 1.5 * keep_alive if keep_alive > 0 else None
-
-    # H3, H4: amqtt's _reader_loop with the fixes (its structure kept so upstream diffs stay readable) ------
-    async def _reader_loop(self) -> None:
-        assert self.session is not None and self._reader_ready is not None
-        running: set[asyncio.Task[None]] = set()
-        timeout = self._read_timeout()
-        try:
-            while True:
-                self._reader_ready.set()
-                if self.reader is None:
-                    break
-                header = await asyncio.wait_for(MQTTFixedHeader.from_stream(self.reader), timeout=timeout)
-                if not header:
-                    break
-                if header.packet_type in (RESERVED_0, RESERVED_15) or not self._header_ok(header):
-                    log.warning("malformed packet, closing", extra={"client_id": self.session.client_id})
-                    break
-                # H2: the rest of a packet is bounded too, or a device stalling mid-packet would never time out
-                if header.remaining_length > self.max_packet_bytes:
-                    if not await asyncio.wait_for(self._skip_oversized(header), timeout=timeout):
-                        break
-                    continue
-                packet = await asyncio.wait_for(
-                    packet_class(header).from_stream(self.reader, fixed_header=header), timeout=timeout
-                )
-                await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=self.session)
-                task = self._dispatch(packet)
-                if task is not None:
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-        except TimeoutError:
-            # H2: the finally below closes the connection; the broker then sends the Will
-            log.info("keep-alive expired, closing", extra={"client_id": self.session.client_id})
-        except (MQTTError, AMQTTError, ValueError, UnicodeDecodeError, IndexError) as exc:
-            log.warning("malformed packet, closing: %s", exc, extra={"client_id": self.session.client_id})
-        except (NoDataError, ConnectionError, asyncio.IncompleteReadError):
-            pass
-        except asyncio.CancelledError:
-            pass
-        except Exception:
-            log.exception("reader failed, closing")
-        finally:
-            for task in running:
-                task.cancel()
-            await self.handle_connection_closed()
-            self._reader_stopped.set()
-            await self.stop()
-
-    @staticmethod
-    def _header_ok(header: MQTTFixedHeader) -> bool:
-        if header.packet_type == PUBLISH:
-            return (header.flags >> 1) & 0x03 != 0x03  # QoS 3 does not exist
-        return True
-
-    def _dispatch(self, packet: Any) -> asyncio.Task[None] | None:
-        handler_name = _HANDLERS.get(type(packet).__name__)
-        if handler_name is None:
-            return None
-        if handler_name == "handle_connect":
-            # a second CONNECT is a protocol violation [MQTT-3.1.0-2]
-            raise MQTTError("CONNECT received on an open connection")
-        return asyncio.create_task(getattr(self, handler_name)(packet))
-
-    async def _skip_oversized(self, header: MQTTFixedHeader) -> bool:
-        """Read past an oversized PUBLISH without keeping it; False means close the connection."""
-        assert self.reader is not None and self.session is not None
-        size = header.remaining_length
-        if header.packet_type != PUBLISH or size > _SKIP_FACTOR * self.max_packet_bytes:
-            log.warning("oversized packet (%d bytes), closing", size, extra={"client_id": self.session.client_id})
-            return False
-        qos = (header.flags >> 1) & 0x03
-        topic_len = int.from_bytes(await _read(self.reader, 2))
-        left = size - 2 - topic_len - (2 if qos else 0)
-        if left < 0:
-            raise MQTTError("PUBLISH topic longer than its packet")  # H3: reading on would desynchronise the stream
-        topic = (await _read(self.reader, topic_len)).decode("utf-8")
-        if not valid_topic(topic):
-            # H3/B6: as for a PUBLISH of normal size; and never answer (1008) on a topic with wildcards
-            log.warning("invalid publish topic %r, closing", topic, extra={"client_id": self.session.client_id})
-            return False
-        packet_id = None
-        if qos:
-            packet_id = int.from_bytes(await _read(self.reader, 2))
-        while left > 0:
-            chunk = await _read(self.reader, min(left, 65536))
-            left -= len(chunk)
-        log.info("oversized publish skipped", extra={"client_id": self.session.client_id, "bytes": size})
-        if self.broker is not None:
-            await self.broker.answer_oversize(self.session, topic, size, packet_id)
-        if qos == QOS_1 and packet_id is not None:
-            await self._send_packet(PubackPacket.build(packet_id))
-        return True
-
-
-async def _read(reader: ReaderAdapter, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = await reader.read(n - len(data))
-        if not chunk:
-            raise NoDataError("connection closed mid-packet")
-        data += chunk
-    return data
-
-
-_HANDLERS = {
-    "ConnackPacket": "handle_connack",
-    "SubscribePacket": "handle_subscribe",
-    "UnsubscribePacket": "handle_unsubscribe",
-    "SubackPacket": "handle_suback",
-    "UnsubackPacket": "handle_unsuback",
-    "PubackPacket": "handle_puback",
-    "PubrecPacket": "handle_pubrec",
-    "PubrelPacket": "handle_pubrel",
-    "PubcompPacket": "handle_pubcomp",
-    "PingReqPacket": "handle_pingreq",
-    "PingRespPacket": "handle_pingresp",
-    "PublishPacket": "handle_publish",
-    "DisconnectPacket": "handle_disconnect",
-    "ConnectPacket": "handle_connect",
-}
+    name = text()
+    if at + 4 > len(body):
+        raise ConnectRefused("CONNECT variable header runs past the packet")
+    level, flags = body[at], body[at + 1]
+    keep_alive = int.from_bytes(body[at + 2 : at + 4], "big")
+    at += 4
+    if name != "MQTT":
+        raise ConnectRefused(f"protocol name {name!r} [MQTT-3.1.2-1]")
+    if level != 4:
+        raise ConnectRefused(f"protocol level {level}", connack(_BAD_PROTOCOL))
+    if flags & 0x01:
+        raise ConnectRefused("CONNECT reserved flag set [MQTT-3.1.2-3]")
+    will, will_qos, will_retain = bool(flags & 0x04), (flags >> 3) & 0x03, bool(flags & 0x20)
+    if will_qos == 3 or (not will and (will_qos or will_retain)):
+        raise ConnectRefused("CONNECT Will flags inconsistent [MQTT-3.1.2-13..15]")
+    has_user, has_password = bool(flags & 0x80), bool(flags & 0x40)
+    if has_password and not has_user:
+        raise ConnectRefused("password without user name [MQTT-3.1.2-22]", connack(_BAD_LOGIN))
+    session = PointgateSession()
+    session.clean_session = bool(flags & 0x02)
+    session.client_id = text()
+    if not session.client_id and not session.clean_session:
+        raise ConnectRefused("empty client id with a persistent session [MQTT-3.1.3-8]", connack(_BAD_ID))
+    if will:
+        session.will_flag = True
+        session.will_topic = text()
+        session.will_message = field()
+        session.will_qos = will_qos
+        session.will_retain = will_retain
+    if has_user:
+        session.username = text()
+    if has_password:
+        session.password = text()
+    if at != len(body):
+        raise ConnectRefused("CONNECT has bytes after its payload")
+    session.keep_alive = keep_alive
+    return session
 
 
 class PointgateBroker(Broker):
-    """amqtt's Broker with B1–B9."""
+    """amqtt's Broker with B1–B13; each connection runs as a `Connection`."""
 
-    def __init__(self, config: dict[str, Any], *, connect_timeout: float, max_packet_bytes: int) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        connect_timeout: float,
+        max_packet_bytes: int,
+        limits: Limits | None = None,
+        session_expiry: float | None = None,
+    ) -> None:
         super().__init__(config)
         self.connect_timeout = connect_timeout
         self.max_packet_bytes = max_packet_bytes
-        self.ingest: Ingest | None = None
+        base = limits or Limits()
+        self.limits = Limits(
+            max_packet_bytes=max_packet_bytes,
+            max_inflight=base.max_inflight,
+            max_queued_bytes=base.max_queued_bytes,
+            max_subscriptions=base.max_subscriptions,
+            max_wildcard_subscriptions=base.max_wildcard_subscriptions,
+            max_qos2_inflight=base.max_qos2_inflight,
+        )
+        self.session_expiry = session_expiry
+        self.ingest: RequestHandler | None = None
         self.authenticator: Any = None  # service.devices.auth.DeviceAuthenticator, used by plugins.DeviceAuthPlugin
-        # B11: amqtt logs repr(self._subscriptions) on every SUBSCRIBE whatever the log level, which made
-        # connecting N devices cost O(N^2) (47 % of CPU while 3 000 devices connected, benchmarks/README.md)
         self._subscriptions = _Subscriptions()
-        self._wildcard_filters: set[str] = set()
-        self._session_filters: dict[str, set[str]] = {}
+        self._index = TopicIndex()
+        self._session_filters: dict[str, dict[str, int]] = {}  # client id -> {filter: granted qos}
 
     # B1 ------------------------------------------------------------------------------------------------
     async def _initialize_client_session(
         self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
-    ) -> tuple[BrokerProtocolHandler, Session]:
+    ) -> tuple[Connection, Session]:
+        stream_reader: asyncio.StreamReader = reader._reader
+        stream_writer: asyncio.StreamWriter = writer._writer
         try:
-            handler, session = await asyncio.wait_for(
-                PointgateHandler.init_from_connect(reader, writer, self.plugins_manager), self.connect_timeout
-            )
-        except TimeoutError:
-            with contextlib.suppress(Exception):
-                await writer.close()
-            raise AMQTTError(f"no CONNECT from {remote_address}:{remote_port} within {self.connect_timeout}s") from None
-        except (MQTTError, NoDataError, ValueError, UnicodeDecodeError) as exc:
-            with contextlib.suppress(Exception):
-                await writer.close()
-            raise AMQTTError(f"bad CONNECT from {remote_address}:{remote_port}: {exc}") from None
-        assert isinstance(handler, PointgateHandler)
-        handler.broker = self
-        handler.max_packet_bytes = self.max_packet_bytes
-        # B2: nothing about existing sessions is decided here any more; that waits for authentication
-        return handler, session
+            session = await asyncio.wait_for(read_connect(stream_reader, self.max_packet_bytes), self.connect_timeout)
+        except BaseException as exc:
+            # whatever went wrong, the socket is released now, not when a garbage collection finds it
+            if isinstance(exc, ConnectRefused) and exc.reply is not None:
+                with contextlib.suppress(Exception):
+                    stream_writer.write(exc.reply)
+                stream_writer.close()
+            else:
+                stream_writer.transport.abort()
+            if not isinstance(exc, Exception):
+                raise
+            if isinstance(exc, TimeoutError):
+                reason = f"no CONNECT within {self.connect_timeout}s"
+            else:
+                reason = str(exc) or type(exc).__name__
+            raise AMQTTError(f"bad CONNECT from {remote_address}:{remote_port}: {reason}") from None
+        session.remote_address, session.remote_port = remote_address, remote_port
+        session.ssl_object = writer.get_ssl_info()
+        return Connection(self, stream_reader, stream_writer, self.limits), session
 
     # B2, B3, B4 ----------------------------------------------------------------------------------------
     async def _handle_client_session(
@@ -304,21 +293,16 @@ class PointgateBroker(Broker):
         reader: ReaderAdapter,
         writer: WriterAdapter,
         client_session: Session,
-        handler: BrokerProtocolHandler,
+        handler: Connection,
         server: Any,
         listener_name: str,
     ) -> None:
         if not client_session.client_id:
-            from amqtt.utils import gen_client_id
-
             client_session.client_id = gen_client_id()
         authenticated = await self._authenticate(client_session, self.listeners_config[listener_name])
         if not authenticated:
             client_session.will_flag = False
-            client_session.parent = 0
-            handler.attach(client_session, reader, writer)
-            await handler.mqtt_connack_authorize(False)
-            await writer.close()
+            handler.refuse(connack(_NOT_AUTHORIZED))
             return
 
         # B10: devices choose their client ids, so sessions are keyed by device as well; otherwise a device
@@ -327,18 +311,20 @@ class PointgateBroker(Broker):
         if identity is not None:
             client_session.client_id = f"{identity[0]}/{identity[1]}/{client_session.client_id}"
         session = await self._adopt_session(client_session)
-        handler.attach(session, reader, writer)
         self._sessions[session.client_id] = (session, handler)
-        await handler.mqtt_connack_authorize(True)
+        handler.begin(session, connack(_ACCEPTED, session_present=bool(session.parent)))
         metrics.CONNECTED_DEVICES.inc()
-        await self.plugins_manager.fire_event(
-            BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id, client_session=session
-        )
-        await handler.start()
-        await self._publish_session_retained_messages(session)
-        for topic_filter in list(self._session_filters.get(session.client_id, ())):
-            await self._publish_retained_messages_for_subscription((topic_filter, QOS_0), session)
-        await self._client_message_loop(session, handler)
+        try:
+            await self.plugins_manager.fire_event(
+                BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id, client_session=session
+            )
+            self._send_offline_queue(session, handler)
+            for topic_filter, qos in list(self._session_filters.get(session.client_id, {}).items()):
+                for topic, data, retained_qos in self.retained_for(topic_filter):
+                    handler.send(topic, data, min(qos, retained_qos), retain=True)
+            await asyncio.shield(handler.closed)
+        finally:
+            await self._handle_disconnect(session, handler, handler.clean_disconnect)
 
     async def _adopt_session(self, incoming: Session) -> Session:
         client_id = incoming.client_id
@@ -347,11 +333,11 @@ class PointgateBroker(Broker):
             old_session, old_handler = existing
             log.info("client id already connected, taking over", extra={"client_id": client_id})
             await old_handler.handle_connection_closed()
-            for _ in range(100):  # the old connection's loop marks its session disconnected
+            for _ in range(100):  # the old connection's task marks its session disconnected
                 if not old_session.transitions.is_connected():
                     break
                 await asyncio.sleep(0.02)
-        # a clean session ends with its connection [MQTT-3.1.2-6], even while amqtt's 1 s monitor has yet to drop it:
+        # a clean session ends with its connection [MQTT-3.1.2-6], even while the monitor has yet to drop it:
         # resuming it would report session-present and carry its subscriptions into a persistent session
         if incoming.clean_session or existing is None or existing[0].clean_session:
             if existing is not None:
@@ -380,7 +366,7 @@ class PointgateBroker(Broker):
             try:
                 session.transitions.connect()
                 break
-            except Exception:  # transitions.MachineError: the old connection is still winding down
+            except Exception:  # the old connection is still winding down
                 await asyncio.sleep(0.02)
         return session
 
@@ -395,48 +381,23 @@ class PointgateBroker(Broker):
             return False
         return True
 
-    # B5, B6 --------------------------------------------------------------------------------------------
-    async def _handle_disconnect(
-        self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]
-    ) -> None:
-        if client_session.will_flag and not acl.may_publish(_identity(client_session), client_session.will_topic or ""):
-            client_session.will_flag = False
+    # B5 ------------------------------------------------------------------------------------------------
+    async def _handle_disconnect(self, client_session: Session, handler: Any, disconnect_waiter: Any) -> None:
+        """The connection is over: the Will unless it ended with DISCONNECT, then the session is disconnected."""
+        handler.close(None)
+        clean = disconnect_waiter is True
+        if not clean and client_session.will_flag:
+            topic, data = client_session.will_topic or "", bytes(client_session.will_message or b"")
+            if valid_topic(topic) and acl.may_publish(_identity(client_session), topic):
+                self.deliver(topic, data, client_session.will_qos or 0)
+                if client_session.will_retain:
+                    self.retain(topic, data, client_session.will_qos or 0)
+        if client_session.transitions.state == "connected":
+            client_session.transitions.disconnect()
         metrics.CONNECTED_DEVICES.dec()
-        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
-
-    async def _handle_message_delivery(
-        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
-    ) -> bool:
-        message = wait_deliver.result()
-        if message is None:
-            return True
-        topic: str = message.topic
-        if not valid_topic(topic):
-            log.warning("invalid publish topic %r, closing", topic, extra={"client_id": client_session.client_id})
-            _ack(message, False)
-            await handler.handle_connection_closed()  # B6: close it; the loop then runs the disconnect
-            return True
-        if not await self._topic_filtering(client_session, topic, Action.PUBLISH):
-            log.warning("publish outside own topics %r, closing", topic, extra={"client_id": client_session.client_id})
-            metrics.ACL_DENIALS.labels(action="publish").inc()
-            _ack(message, False)
-            await handler.handle_connection_closed()
-            return True
-        request = parse_request_topic(topic)
-        if request is not None and self.ingest is not None:
-            self.ingest.accept(client_session, request, message)
-            return True
-        await self._broadcast_message(client_session, topic, message.data, message.qos)
-        if message.publish_packet is not None and message.publish_packet.retain_flag:
-            await self.retain_message(client_session, topic, message.data, message.qos)
-        _ack(message, True)
-        return True
-
-    async def answer_oversize(self, session: Session, topic: str, size: int, packet_id: int | None) -> None:
-        """H4's reply path: a 1008 on the request's reply topic, if it is a request on the device's own topic."""
-        request = parse_request_topic(topic)
-        if request is not None and self.ingest is not None and acl.may_publish(_identity(session), topic):
-            self.ingest.reject_oversize(session, request, size, packet_id)
+        await self.plugins_manager.fire_event(
+            BrokerEvents.CLIENT_DISCONNECTED, client_id=client_session.client_id, client_session=client_session
+        )
 
     # B9 ------------------------------------------------------------------------------------------------
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
@@ -444,63 +405,156 @@ class PointgateBroker(Broker):
         if action == Action.PUBLISH:
             return acl.may_publish(identity, topic)
         if action == Action.SUBSCRIBE:
-            allowed = acl.may_subscribe(identity, topic)
-            if not allowed:
-                metrics.ACL_DENIALS.labels(action="subscribe").inc()
-            return allowed
+            return acl.may_subscribe(identity, topic)
         return acl.may_receive(identity, topic)
 
-    # B7, B8 --------------------------------------------------------------------------------------------
+    # B7, B8, limits: subscriptions -------------------------------------------------------------------------
+    def subscribe(self, session: Session, topic_filter: str, qos: int) -> int:
+        """Add (or update) a subscription; the granted QoS, or 0x80. Raises `LimitExceeded`."""
+        if not valid_filter(topic_filter):
+            return 0x80
+        if not acl.may_subscribe(_identity(session), topic_filter):
+            metrics.ACL_DENIALS.labels(action="subscribe").inc()
+            return 0x80
+        granted = min(qos, 1)
+        client_id = session.client_id
+        own = self._session_filters.setdefault(client_id, {})
+        subscribers = self._subscriptions.get(topic_filter)
+        if topic_filter in own and subscribers is not None:
+            subscribers[:] = [(s, granted if s.client_id == client_id else q) for s, q in subscribers]
+            own[topic_filter] = granted
+            return granted
+        limits = self.limits
+        if len(own) >= limits.max_subscriptions:
+            raise LimitExceeded("subscriptions", f"more than {limits.max_subscriptions} subscriptions")
+        if ("+" in topic_filter or "#" in topic_filter) and sum(
+            1 for f in own if "+" in f or "#" in f
+        ) >= limits.max_wildcard_subscriptions:
+            raise LimitExceeded(
+                "wildcard_subscriptions", f"more than {limits.max_wildcard_subscriptions} wildcard subscriptions"
+            )
+        if subscribers is None:
+            subscribers = self._subscriptions[topic_filter] = []
+            self._index.add(topic_filter)
+        subscribers.append((session, granted))
+        own[topic_filter] = granted
+        return granted
+
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
-        code = await super().add_subscription(subscription, session)
-        if code != 0x80:
-            topic_filter = subscription[0]
-            self._session_filters.setdefault(session.client_id, set()).add(topic_filter)
-            if "+" in topic_filter or "#" in topic_filter:
-                self._wildcard_filters.add(topic_filter)
-        return code
+        """amqtt's entry point (BrokerContext.add_subscription): as `subscribe`, limits answered with 0x80."""
+        try:
+            return self.subscribe(session, subscription[0], subscription[1])
+        except LimitExceeded:
+            return 0x80
+
+    def unsubscribe(self, session: Session, topic_filter: str) -> None:
+        """Remove one subscription of ``session``."""
+        self._del_subscription(topic_filter, session)
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
-        deleted = super()._del_subscription(a_filter, session)
-        if deleted:
-            self._session_filters.get(session.client_id, set()).discard(a_filter)
-            if not self._subscriptions.get(a_filter):
-                self._subscriptions.pop(a_filter, None)
-                self._wildcard_filters.discard(a_filter)
-        return deleted
+        own = self._session_filters.get(session.client_id)
+        if own is None or own.pop(a_filter, None) is None:
+            return 0
+        subscribers = self._subscriptions.get(a_filter)
+        if subscribers is not None:
+            subscribers[:] = [(s, q) for s, q in subscribers if s.client_id != session.client_id]
+            if not subscribers:
+                del self._subscriptions[a_filter]
+                self._index.discard(a_filter)
+        return 1
 
     async def _del_all_subscriptions(self, session: Session) -> None:
-        for topic_filter in list(self._session_filters.pop(session.client_id, ())):
+        for topic_filter in list(self._session_filters.get(session.client_id, ())):
             self._del_subscription(topic_filter, session)
+        self._session_filters.pop(session.client_id, None)
 
-    def _matching_filters(self, topic: str) -> list[str]:
-        found = [topic] if topic in self._subscriptions else []
-        for topic_filter in list(self._wildcard_filters):
-            if topic_filter not in self._subscriptions:
-                self._wildcard_filters.discard(topic_filter)
-            elif self._matches(topic, topic_filter):
-                found.append(topic_filter)
+    def subscribers(self, topic: str) -> list[tuple[Session, int]]:
+        """Every (session, granted QoS) whose filter matches ``topic``."""
+        found: list[tuple[Session, int]] = []
+        for topic_filter in self._index.match(topic):
+            found.extend(self._subscriptions.get(topic_filter, ()))
         return found
 
-    async def _run_broadcast(self, running_tasks: Any) -> None:
-        broadcast = await self._broadcast_queue.get()
-        topic = broadcast["topic"]
-        published_qos = broadcast.get("qos")
-        for topic_filter in self._matching_filters(topic):
-            for target, sub_qos in list(self._subscriptions.get(topic_filter, ())):
-                qos = sub_qos if published_qos is None else min(published_qos, sub_qos)
+    def deliver(self, topic: str, data: bytes, qos: int) -> None:
+        """Fan a message out to every subscriber now (B7, B8): into each connection's next write."""
+        for topic_filter in self._index.match(topic):
+            for target, sub_qos in self._subscriptions.get(topic_filter, ()):
                 if not acl.may_receive(_identity(target), topic):
                     continue
-                if target.transitions.state != "connected":
-                    if not target.clean_session and qos > 0 and not target.is_anonymous:
-                        await self._retain_broadcast_message(broadcast, qos, target)
-                    continue
-                handler = self._get_handler(target)
-                if handler is not None:
-                    running_tasks.append(
-                        asyncio.ensure_future(handler.mqtt_publish(topic, broadcast["data"], qos, retain=False))
-                    )
+                delivered = min(qos, sub_qos)
+                if target.transitions.state == "connected":
+                    handler = self._sessions.get(target.client_id, (None, None))[1]
+                    if isinstance(handler, Connection):
+                        handler.send(topic, data, delivered)
+                elif not target.clean_session and delivered > 0 and not target.is_anonymous:
+                    self._queue_offline(target, topic, data, delivered)
 
+    def _queue_offline(self, session: Session, topic: str, data: bytes, qos: int) -> None:
+        if not isinstance(session, PointgateSession):
+            return
+        if session.offline_bytes + len(data) > self.limits.max_queued_bytes:
+            metrics.LIMIT_HITS.labels(limit="queued_bytes").inc()
+            return  # the device re-sends what it was not answered
+        if session.offline is None:
+            session.offline = deque()
+        session.offline.append((topic, data, qos))
+        session.offline_bytes += len(data)
+
+    def _send_offline_queue(self, session: Session, handler: Connection) -> None:
+        if isinstance(session, PointgateSession) and session.offline:
+            queued, session.offline = session.offline, None
+            session.offline_bytes = 0
+            for topic, data, qos in queued:
+                handler.send(topic, data, qos)  # not flagged RETAIN (amqtt did: §5 #9)
+
+    async def _broadcast_message(
+        self, session: Session | None, topic: str | None, data: bytes | None, force_qos: int | None = None
+    ) -> None:
+        if topic is not None and data is not None:
+            self.deliver(topic, bytes(data), 2 if force_qos is None else force_qos)
+
+    def retain(self, topic: str, data: bytes, qos: int) -> None:
+        """Store the retained message of ``topic``; an empty one clears it [MQTT-3.3.1-10]."""
+        if data:
+            self._retained_messages[topic] = RetainedApplicationMessage(None, topic, data, qos)
+        else:
+            self._retained_messages.pop(topic, None)
+
+    def retained_for(self, topic_filter: str) -> list[tuple[str, bytes, int]]:
+        """Retained messages matching a filter (an exact filter is one lookup)."""
+        if "+" not in topic_filter and "#" not in topic_filter:
+            found = self._retained_messages.get(topic_filter)
+            return [] if found is None else [(found.topic, bytes(found.data), found.qos or 0)]
+        index = TopicIndex()
+        index.add(topic_filter)
+        return [
+            (topic, bytes(message.data), message.qos or 0)
+            for topic, message in self._retained_messages.items()
+            if index.match(topic)
+        ]
+
+    # B13 -----------------------------------------------------------------------------------------------
+    async def _session_monitor(self) -> None:
+        while True:
+            expire_before = None if self.session_expiry is None else time.time() - self.session_expiry
+            gone: list[str] = []
+            expired = 0
+            for client_id, (session, _) in self._sessions.items():
+                if session.transitions.state != "disconnected":
+                    continue
+                if session.clean_session or session.is_anonymous:
+                    gone.append(client_id)
+                elif expire_before is not None and (session.last_disconnect_time or 0) < expire_before:
+                    gone.append(client_id)
+                    expired += 1
+            for client_id in gone:
+                await self._cleanup_session(client_id)
+            if expired:
+                metrics.LIMIT_HITS.labels(limit="session_expiry").inc(expired)
+                log.info("persistent sessions expired", extra={"sessions": expired})
+            await asyncio.sleep(1)
+
+    # service hooks -----------------------------------------------------------------------------------------
     def listener_port(self, listener: str) -> int:
         """The port a listener is bound to (its real one when configured with port 0)."""
         port: int = self._servers[listener].instance.sockets[0].getsockname()[1]
@@ -514,12 +568,12 @@ class PointgateBroker(Broker):
                 instance.close()
 
     def replies_pending(self) -> bool:
-        """Whether published replies are still queued or on their way to a device."""
-        return not self._broadcast_queue.empty() or any(not task.done() for task in self._tasks_queue)
+        """Whether replies are still on their way to a device."""
+        return any(isinstance(handler, Connection) and handler.busy() for _, handler in self._sessions.values())
 
     def publish_reply(self, topic: str, payload: bytes) -> None:
-        """Queue a reply for whoever subscribed to ``topic`` (QoS 1, downgraded per subscriber, not retained)."""
-        self._broadcast_queue.put_nowait({"session": None, "topic": topic, "data": payload, "qos": QOS_1})
+        """Deliver a reply to whoever subscribed to ``topic`` (QoS 1, downgraded per subscriber, not retained)."""
+        self.deliver(topic, payload, 1)
 
     # TLS: amqtt asks for client certificates but does not require them (CERT_OPTIONAL) ------------------
     @staticmethod
@@ -529,11 +583,6 @@ class PointgateBroker(Broker):
         if listener.get("cafile"):
             context.verify_mode = ssl.CERT_REQUIRED
         return context
-
-
-def valid_topic(topic: str) -> bool:
-    """Whether a client may publish on ``topic`` at all: no wildcards, no ``$`` topics, no NUL [MQTT-4.7]."""
-    return bool(topic) and "#" not in topic and "+" not in topic and not topic.startswith("$") and "\x00" not in topic
 
 
 class _Subscriptions(dict[str, list[tuple[Session, int]]]):
@@ -548,11 +597,6 @@ def _identity(session: Session) -> acl.Identity:
     return device if isinstance(device, tuple) else None
 
 
-def _ack(message: Any, send: bool) -> None:
-    if isinstance(message, AckedMessage):
-        message.ack(send)
-
-
-def now_ms() -> int:
-    """Wall-clock milliseconds since the epoch (the receive time of a message)."""
-    return math.floor(time.time() * 1000)
+def authenticator_of(context: Any) -> Any:
+    """The authenticator hung on the broker a plugin context belongs to (amqtt offers no public way to it)."""
+    return getattr(context._broker_instance, "authenticator", None)

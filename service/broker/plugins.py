@@ -1,7 +1,7 @@
 """Our amqtt plugins: the device login check, through amqtt's own auth-plugin API.
 
 Login happens once per connection, so amqtt's plugin dispatch (a task per plugin) costs nothing that matters
-here; per-message work (ACL, ingest) is called directly by the broker instead (overrides.py, B9).
+here; per-message work (ACL, ingest) is called directly by the connection instead (connection.py, overrides.py B9).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
+from service.broker.overrides import authenticator_of
 from service.ops import metrics
 
 
@@ -40,7 +41,7 @@ class DeviceAuthPlugin(BaseAuthPlugin):
 
     async def authenticate(self, *, session: Session) -> bool | None:
         """amqtt's hook: True lets the device in (CONNACK 0), False refuses it (CONNACK 5)."""
-        authenticator: Authenticator | None = getattr(self.context._broker_instance, "authenticator", None)
+        authenticator: Authenticator | None = authenticator_of(self.context)
         if authenticator is None:
             metrics.AUTH_FAILURES.labels(reason="unavailable").inc()
             return False

@@ -35,6 +35,7 @@ TIMESTAMP_MAX: Final = 253402300799999  # 9999-12-31 23:59:59.999 UTC
 QUALITY_MAX: Final = 32767  # the quality column is a smallint
 MAX_STRING_BYTES: Final = 1024
 MAX_ARRAY_ITEMS: Final = 128
+MAX_NESTING: Final = 64  # arrays/objects inside a point value outside the model (orjson stops at 255)
 DATA_TYPES: Final = ("ARRAY", "BOOL", "DATE", "DOUBLE", "ENUM", "FILE", "FLOAT", "INT", "STRING", "STRUCT", "TIMESTAMP")
 ITEM_TYPES: Final = ("INT", "FLOAT", "DOUBLE", "STRING")
 # Descriptive keys EnOS model exports carry; accepted and ignored. Anything else is refused, so a
@@ -108,12 +109,13 @@ def _calendar_date(_v: Any, enabled: Any, instance: Any, _s: Any) -> Iterator[Va
 
 
 def tree_problem(value: object) -> str | None:
-    """Why a JSON value of a point outside the model cannot be stored (bad text, number beyond double), or None."""
+    """Why a JSON value of a point outside the model cannot be stored (bad text, number beyond double, nested
+    deeper than `MAX_NESTING`), or None."""
     # Iterative, and the path to each node is a parent-linked trail spelt out only on failure: a value
     # can nest deeper than the Python stack, and building every path string would cost quadratic time.
-    stack: list[tuple[object, tuple[Any, ...]]] = [(value, ())]
+    stack: list[tuple[object, tuple[Any, ...], int]] = [(value, (), 0)]
     while stack:
-        item, trail = stack.pop()
+        item, trail, depth = stack.pop()
         problem = None
         if isinstance(item, str):
             problem = text_problem(item)
@@ -121,14 +123,17 @@ def tree_problem(value: object) -> str | None:
             # Also false for NaN; and math.isfinite would overflow on a huge int.
             if not -DOUBLE_MAX <= item <= DOUBLE_MAX:
                 problem = f"number {show(item)} does not fit a double"
+        elif isinstance(item, list | dict) and depth >= MAX_NESTING:
+            # the JSON encoder that stores values refuses deep nesting: refuse it here (where is beside the point)
+            return f"value nested deeper than {MAX_NESTING} levels"
         elif isinstance(item, list):
-            stack.extend((item[index], (trail, index)) for index in range(len(item) - 1, -1, -1))
+            stack.extend((item[index], (trail, index), depth + 1) for index in range(len(item) - 1, -1, -1))
         elif isinstance(item, dict):
             for key, member in item.items():
                 if (problem := text_problem(key)) is not None:
                     problem = f"key {problem.removeprefix('string ')}"
                     break
-                stack.append((member, (trail, key)))
+                stack.append((member, (trail, key), depth + 1))
         if problem is not None:
             return _spell(trail) + problem
     return None

@@ -36,10 +36,13 @@ __all__ = [
     "BUILD_INFO",
     "CONNECTED_DEVICES",
     "DRAINING",
+    "LIMIT_HITS",
+    "LIMIT_NAMES",
     "MESSAGES",
     "MESSAGE_OUTCOMES",
     "MODELS_LOADED",
     "POINTS_WRITTEN",
+    "PROTOCOL_VIOLATIONS",
     "REGISTRY",
     "REPLIES",
     "WRITE_BATCH_POINTS",
@@ -50,6 +53,7 @@ __all__ = [
     "AclAction",
     "ApiName",
     "AuthFailureReason",
+    "LimitName",
     "MessageOutcome",
     "WriteErrorReason",
     "render",
@@ -153,6 +157,28 @@ ACL_DENIALS = Counter(
     registry=REGISTRY,
 )
 
+# --- per-connection limits (issue 8) ------------------------------------------------------------------
+LimitName = Literal[
+    "subscriptions",
+    "wildcard_subscriptions",
+    "queued_bytes",
+    "qos2_inflight",
+    "qos2_request",
+    "session_expiry",
+]
+LIMIT_NAMES: tuple[LimitName, ...] = get_args(LimitName)
+LIMIT_HITS = Counter(
+    "pointgate_limit_hits_total",
+    "Devices past a per-connection limit (disconnected; session_expiry: persistent sessions dropped).",
+    ["limit"],
+    registry=REGISTRY,
+)
+PROTOCOL_VIOLATIONS = Counter(
+    "pointgate_protocol_violations_total",
+    "Connections closed for breaking MQTT 3.1.1 (malformed packets, packets a client may not send).",
+    registry=REGISTRY,
+)
+
 # --- service state --------------------------------------------------------------------------------
 MODELS_LOADED = Gauge(
     "pointgate_models_loaded",
@@ -179,6 +205,8 @@ for _write_reason in WRITE_ERROR_REASONS:
     WRITE_ERRORS.labels(reason=_write_reason)
 for _action in ACL_ACTIONS:
     ACL_DENIALS.labels(action=_action)
+for _limit in LIMIT_NAMES:
+    LIMIT_HITS.labels(limit=_limit)
 
 
 def render() -> tuple[bytes, str]:

@@ -56,3 +56,25 @@ def parse_request_topic(topic: str) -> RequestTopic | None:
 def device_prefixes(product_key: str, device_key: str) -> tuple[str, str]:
     """The topic prefixes a device owns: its ``/sys/`` and ``/ext/session/`` trees."""
     return f"/sys/{product_key}/{device_key}/", f"/ext/session/{product_key}/{device_key}/"
+
+
+def valid_topic(topic: str) -> bool:
+    """Whether a client may publish on ``topic`` at all: no wildcards, no ``$`` topics, no NUL [MQTT-4.7]."""
+    return bool(topic) and "#" not in topic and "+" not in topic and not topic.startswith("$") and "\x00" not in topic
+
+
+def valid_filter(topic_filter: str) -> bool:
+    """Whether a subscription filter is well formed: ``#`` only as the whole last level, ``+`` only as a whole level.
+
+    An empty filter or one with NUL is malformed [MQTT-4.7.3-1, MQTT-4.7.3-2].
+    """
+    if not topic_filter or "\x00" in topic_filter:
+        return False
+    levels = topic_filter.split("/")
+    last = len(levels) - 1
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != last):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return True
