@@ -26,6 +26,8 @@ EXPECTED = {
     "pointgate_models_loaded": ("gauge", set()),
     "pointgate_build_info": ("gauge", {"version"}),
     "pointgate_draining": ("gauge", set()),
+    "pointgate_limit_hits": ("counter", {"limit"}),
+    "pointgate_protocol_violations": ("counter", set()),
 }
 
 
@@ -65,6 +67,8 @@ def test_known_reasons_start_at_zero() -> None:
         assert metrics.REGISTRY.get_sample_value("pointgate_write_errors_total", {"reason": reason}) is not None
     for action in metrics.ACL_ACTIONS:
         assert metrics.REGISTRY.get_sample_value("pointgate_acl_denials_total", {"action": action}) is not None
+    for limit in metrics.LIMIT_NAMES:
+        assert metrics.REGISTRY.get_sample_value("pointgate_limit_hits_total", {"limit": limit}) is not None
 
 
 def test_process_collectors_are_on_the_registry() -> None:

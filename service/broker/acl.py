@@ -6,6 +6,8 @@ sessions (only with ``--allow-anonymous``, a development mode) have no identity 
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from service.protocol.topics import device_prefixes
 
 Identity = tuple[str, str] | None
@@ -16,7 +18,13 @@ def owns(identity: Identity, topic: str) -> bool:
     """Whether ``topic`` (or a subscription filter) lies inside the device's own trees."""
     if identity is None:
         return True
-    return topic.startswith(device_prefixes(*identity))
+    return topic.startswith(_prefixes(identity))
+
+
+@lru_cache(maxsize=65536)
+def _prefixes(identity: tuple[str, str]) -> tuple[str, str]:
+    # checked for every message and every delivery: build a device's two prefix strings once
+    return device_prefixes(*identity)
 
 
 def may_publish(identity: Identity, topic: str) -> bool:

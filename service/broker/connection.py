@@ -52,6 +52,7 @@ SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 
 PINGRESP_PACKET = b"\xd0\x00"
 # an oversized PUBLISH up to this many times the limit is read past (and answered 1008); beyond it, closed
 SKIP_FACTOR = 8
+_UNPARSED: Any = object()
 # remaining length's largest encodable value [MQTT-2.2.3]
 MAX_REMAINING_LENGTH = 268_435_455
 
@@ -212,6 +213,7 @@ class Connection(BrokerProtocolHandler):
         self._timer: asyncio.TimerHandle | None = None
         self._out_id = 0  # packet ids of our QoS 1 deliveries
         self._qos2: dict[int, tuple[str, bytes, bool]] = {}
+        self._requests: dict[str, RequestTopic | None] = {}  # a device uses a handful of topics, parsed once
 
     # --- life cycle ----------------------------------------------------------------------------------
     def begin(self, session: Session, connack: bytes) -> None:
@@ -478,8 +480,13 @@ class Connection(BrokerProtocolHandler):
         payload = bytes(buf[at:end])
         hub = self.hub
         ingest = hub.ingest
-        request = parse_request_topic(topic) if ingest is not None else None
-        if request is not None and ingest is not None:
+        requests = self._requests
+        request = requests.get(topic, _UNPARSED)
+        if request is _UNPARSED:
+            if len(requests) >= 16:
+                requests.clear()
+            request = requests[topic] = parse_request_topic(topic)
+        if isinstance(request, RequestTopic) and ingest is not None:
             if qos == 2:
                 raise LimitExceeded("qos2_request", "QoS 2 on a request topic (the SDKs use QoS 1)")
             ticket = _Ticket(self, packet_id or None, request.reply_topic)

@@ -11,6 +11,8 @@ Pure data structure: no I/O, no amqtt.
 
 from __future__ import annotations
 
+_CACHE_TOPICS = 65536
+
 
 class _Node:
     __slots__ = ("children", "filter")
@@ -23,11 +25,13 @@ class _Node:
 class TopicIndex:
     """A set of topic filters that answers "which of them match this topic name"."""
 
-    __slots__ = ("_root", "_size")
+    __slots__ = ("_cache", "_root", "_size")
 
     def __init__(self) -> None:
         self._root = _Node()
         self._size = 0
+        # topic -> matching filters, valid until the next add/discard (replies go to the same topics again and again)
+        self._cache: dict[str, list[str]] = {}
 
     def __len__(self) -> int:
         return self._size
@@ -51,6 +55,7 @@ class TopicIndex:
         if node.filter is None:
             node.filter = topic_filter
             self._size += 1
+            self._cache.clear()
 
     def discard(self, topic_filter: str) -> None:
         """Remove a filter if present, and the branches only it used."""
@@ -66,6 +71,7 @@ class TopicIndex:
             return
         node.filter = None
         self._size -= 1
+        self._cache.clear()
         for parent, level in reversed(path):
             child = parent.children[level]
             if child.children or child.filter is not None:
@@ -73,7 +79,18 @@ class TopicIndex:
             del parent.children[level]
 
     def match(self, topic: str) -> list[str]:
-        """Every filter matching the topic name ``topic`` (MQTT 3.1.1 §4.7; ``$`` topics skip leading wildcards)."""
+        """Every filter matching the topic name ``topic`` (MQTT 3.1.1 §4.7; ``$`` topics skip leading wildcards).
+
+        The answer is shared with later calls for the same topic: do not modify it.
+        """
+        found = self._cache.get(topic)
+        if found is None:
+            if len(self._cache) >= _CACHE_TOPICS:
+                self._cache.clear()
+            found = self._cache[topic] = self._match(topic)
+        return found
+
+    def _match(self, topic: str) -> list[str]:
         levels = topic.split("/")
         depth = len(levels)
         dollar = topic.startswith("$")
