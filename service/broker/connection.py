@@ -314,8 +314,8 @@ class Connection(BrokerProtocolHandler):
         self.close(None)
 
     async def handle_connection_closed(self) -> None:
-        """amqtt's take-over and shutdown path: close the connection (the broker then runs the disconnect)."""
-        self.close(None)
+        """The take-over path: drop the old connection at once (its peer is most likely gone)."""
+        self.close(None, abort=True)
 
     async def mqtt_publish(
         self, topic: str, data: bytes, qos: int | None, retain: bool, ack_timeout: Any = None
