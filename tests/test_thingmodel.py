@@ -302,14 +302,31 @@ def test_undefined_point_must_still_be_storable(
     str(issues[0]).encode("utf-8")  # a refused identifier is echoed escaped, never raw
 
 
-def test_deeply_nested_undefined_point_does_not_exhaust_the_stack(tmp_path: Path) -> None:
-    """The storability walk is iterative: a value nested 100 000 deep is checked, not a RecursionError."""
+def test_deeply_nested_undefined_point_is_refused_without_exhausting_the_stack(tmp_path: Path) -> None:
+    """A value nested 100 000 deep is refused by the nesting limit, not a RecursionError (the walk is iterative).
+
+    The JSON encoder that stores values stops at 255 levels: such a value used to pass validation and fail in
+    the writer (issue 8 #7).
+    """
     model = make(tmp_path, {"a": INT}, validate=False)
     value: object = "bad\x00"
     for _ in range(100_000):
         value = [value]
     _, issues = model.check({"deep": value})
     assert len(issues) == 1
+    assert issues[0].reason == "value nested deeper than 64 levels"
+
+
+def test_nesting_up_to_the_limit_is_stored_and_still_checked(tmp_path: Path) -> None:
+    """64 levels are accepted as they are; a bad string inside them is still found and named."""
+    model = make(tmp_path, {"a": INT}, validate=False)
+    fine: object = 1
+    bad: object = "bad\x00"
+    for _ in range(64):
+        fine, bad = [fine], [bad]
+    good, issues = model.check({"fine": fine, "bad": bad})
+    assert [point.identifier for point in good] == ["fine"]
+    assert [issue.identifier for issue in issues] == ["bad"]
     assert issues[0].reason.endswith("string contains U+0000 (NUL)")
 
 
