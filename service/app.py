@@ -126,6 +126,7 @@ class Service:
         )
         broker.authenticator = DeviceAuthenticator(pool, box, allow_anonymous=settings.allow_anonymous)
         broker.ingest = ingest = Ingest(writer, models, max_payload_bytes=settings.max_payload_bytes)
+        broker.points = writer  # while the writer is full, devices' sockets are not read
         self._migrator = asyncio.create_task(_migrate_when_reachable(dsn, state))
         self._topology = asyncio.create_task(_refresh_sub_devices(pool, ingest, state))
         writer.start()

@@ -101,6 +101,9 @@ class Hub(Protocol):
     def retained_for(self, topic_filter: str) -> list[tuple[str, bytes, int]]:
         """The retained messages a new subscription to ``topic_filter`` gets: (topic, data, qos)."""
 
+    def hold_back(self, conn: Connection) -> bool:
+        """True when the database side is full: ``conn`` stops reading and is resumed (`resume`) once it is not."""
+
 
 class ProtocolViolation(Exception):
     """A packet MQTT 3.1.1 says must close the connection."""
@@ -208,6 +211,7 @@ class Connection(BrokerProtocolHandler):
         self._flush_handle: asyncio.Handle | None = None
         self._flushing = False  # inside data_received or _flush: whatever is queued is written at its end
         self._paused = False
+        self._held = False  # paused because the writer is full (not because of this connection's own window)
         self._keep_alive = 0.0
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -378,8 +382,10 @@ class Connection(BrokerProtocolHandler):
         limits = self.limits
         try:
             while pos < size and not self.closing:
-                if len(self._pending) >= limits.max_inflight:
-                    # backpressure: stop reading until some requests are answered (ready() resumes)
+                if len(self._pending) >= limits.max_inflight or self.hub.hold_back(self):
+                    # backpressure: stop reading until some requests are answered (ready() resumes), or until
+                    # the writer has room again (the hub calls resume())
+                    self._held = len(self._pending) < limits.max_inflight
                     self._paused = True
                     self.transport.pause_reading()
                     break
@@ -632,6 +638,12 @@ class Connection(BrokerProtocolHandler):
         """A ticket was answered: flush in turn, once per loop iteration however many were."""
         self._schedule_flush()
 
+    def resume(self) -> None:
+        """The writer has room again: read on (if this connection's own window allows)."""
+        self._held = False
+        if self._paused and not self.closing:
+            self._flush()
+
     def _schedule_flush(self) -> None:
         if self._flush_handle is None and not self._flushing:
             self._flush_handle = self._loop.call_soon(self._flush)
@@ -660,7 +672,7 @@ class Connection(BrokerProtocolHandler):
                     self.hub.deliver(ticket.reply_topic, ticket.reply, 1)
                 if ticket.packet_id is not None:
                     out.append(_ack(0x40, ticket.packet_id))
-            if self._paused and not self.closing and len(pending) < self.limits.max_inflight:
+            if self._paused and not self._held and not self.closing and len(pending) < self.limits.max_inflight:
                 # room again: parse what is buffered (it may answer at once, and pause again)
                 self._paused = False
                 self._process()

@@ -255,6 +255,11 @@ class PointgateBroker(Broker):
         )
         self.session_expiry = session_expiry
         self.ingest: RequestHandler | None = None
+        # where the ingest's points go (service.storage.writer.PointWriter): while it is full, connections stop
+        # reading requests, so the queue in front of PostgreSQL stays bounded whatever the number of devices
+        self.points: Any = None
+        self._held: set[Connection] = set()
+        self._resumer: asyncio.Task[None] | None = None
         self.authenticator: Any = None  # service.devices.auth.DeviceAuthenticator, used by plugins.DeviceAuthPlugin
         self._subscriptions = _Subscriptions()
         self._index = TopicIndex()
@@ -532,6 +537,22 @@ class PointgateBroker(Broker):
             for topic, message in self._retained_messages.items()
             if index.match(topic)
         ]
+
+    def hold_back(self, conn: Connection) -> bool:
+        """True (and ``conn`` resumed later) while the writer holds as many points as it may queue."""
+        points = self.points
+        if points is None or not points.full:
+            return False
+        self._held.add(conn)
+        if self._resumer is None or self._resumer.done():
+            self._resumer = asyncio.create_task(self._resume_when_room())
+        return True
+
+    async def _resume_when_room(self) -> None:
+        await self.points.wait_for_room()
+        held, self._held = self._held, set()
+        for conn in held:
+            conn.resume()
 
     # B13 -----------------------------------------------------------------------------------------------
     async def _session_monitor(self) -> None:

@@ -86,6 +86,11 @@ class FakeHub:
     def retained_for(self, topic_filter: str) -> list[tuple[str, bytes, int]]:
         return []
 
+    full = False
+
+    def hold_back(self, conn: Connection) -> bool:
+        return self.full
+
 
 class FakeWriter:
     def __init__(self, transport: FakeTransport) -> None:
@@ -195,3 +200,13 @@ async def test_a_packet_split_across_reads_is_parsed_once_whole() -> None:
     for byte in data:
         conn.data_received(bytes([byte]))
     assert len(hub.ingest.tickets) == 1 and hub.ingest.tickets[0].packet_id == 7
+
+
+async def test_a_full_writer_stops_reading_until_resumed() -> None:
+    conn, hub, transport = connection()
+    hub.full = True
+    conn.data_received(publish(REQUEST, b"ok", 1) + publish(REQUEST, b"ok", 2))
+    assert hub.ingest.tickets == [] and transport.paused
+    hub.full = False
+    conn.resume()
+    assert len(hub.ingest.tickets) == 2 and not transport.paused
