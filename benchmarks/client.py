@@ -112,7 +112,11 @@ class Client(asyncio.Protocol):
         if not self.ready.done():
             self.ready.set_exception(ConnectionError("connection closed before SUBACK"))
         elif self.state is not None and not self.subscriber and not self.drained:
+            # what it had in flight is never answered: the device is done (the run records the loss)
             self.state.errors["connection lost"] += 1
+            self.stopped = self.drained = True
+            self.state.drained += 1
+            self.state.check_finished()
 
     def data_received(self, data: bytes) -> None:
         """Parse every complete packet, record it, then write PUBACKs and refills in one go."""

@@ -85,6 +85,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="max-rate phases send for this long instead of --messages; reports RSS over time",
     )
     parser.add_argument("--workers", type=int, default=1, help="pointgate serve --workers N")
+    parser.add_argument(
+        "--kill-worker",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="SIGKILL one worker this long into each max-rate phase (needs --workers > 1): is anything "
+        "acknowledged lost? Its devices' connections drop and are counted as errors",
+    )
     parser.add_argument("--database-url", help="use this PostgreSQL instead of a fresh embedded one")
     parser.add_argument("--compare-stock", action="store_true", help="also measure stock amqtt's relay rate")
     parser.add_argument("--idle", action="store_true", help="--devices are idle connections next to --active ones")
@@ -114,6 +122,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--window must be 1..1000")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if args.kill_worker and (args.workers < 2 or args.idle or args.rate):
+        parser.error("--kill-worker needs --workers 2 or more, and max-rate phases (no --idle, no --rate)")
     if args.sustained < 0 or (args.sustained and args.rate):
         parser.error("--sustained needs a positive duration and runs at full speed (no --rate)")
     return args
@@ -181,13 +191,19 @@ class Run:
                         f"{count} dev {refill} {args.sustained:.0f}s",
                         self.keys(count),
                         refill=mode,
+                        kill_worker_after=args.kill_worker,
                         duration=args.sustained,
                         messages=max(args.messages, int(SUSTAINED_MAX_MSG_S * args.sustained)),
                     )
                 else:
                     label = f" @{args.rate:.0f}/s" if args.rate else " max"
                     first = self.run(
-                        server, f"{count} dev {refill}{label}", self.keys(count), refill=mode, rate=args.rate
+                        server,
+                        f"{count} dev {refill}{label}",
+                        self.keys(count),
+                        refill=mode,
+                        rate=args.rate,
+                        kill_worker_after=args.kill_worker,
                     )
                 if args.half and not args.rate and first.msg_s == first.msg_s and first.msg_s > 0:
                     half = round(first.msg_s / 2)

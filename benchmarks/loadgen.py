@@ -175,7 +175,7 @@ async def _generate(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     }
     for client in clients:
         client.drained = True  # closing is not a lost connection
-        if client.transport is not None:
+        if client.transport is not None and not client.transport.is_closing():
             client.transport.write(DISCONNECT)
             client.transport.close()
     await asyncio.sleep(0.05)
@@ -196,7 +196,7 @@ async def _hold_idle(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     conn.send(("ready", {"connect_s": time.monotonic() - began, "clients": len(clients), "failures": dict(failures)}))
     await asyncio.get_running_loop().run_in_executor(None, conn.recv)
     for client in clients:
-        if client.transport is not None:
+        if client.transport is not None and not client.transport.is_closing():
             client.transport.write(DISCONNECT)
             client.transport.close()
     await asyncio.sleep(0.2)

@@ -9,6 +9,9 @@ not stored (looked up message by message in ``point_data``).
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -17,7 +20,7 @@ from typing import Any
 
 from benchmarks import loadgen
 from benchmarks.client import Refill
-from benchmarks.sampling import RssSampler, Snapshot, load_average, proc_cpu_s, tree_status_kb
+from benchmarks.sampling import RssSampler, Snapshot, load_average, proc_cpu_s, tree_pids, tree_status_kb
 from benchmarks.servers import Database, Server
 
 STEADY = (0.10, 0.90)  # the steady window: fraction of replies (by time) left out at each end
@@ -52,6 +55,7 @@ class Phase:
     duration: float = 0.0  # sustained: seconds of sending
     workers: int = 1
     idle_devices: int = 0
+    killed_worker: int | None = None  # --kill-worker: the PID killed with SIGKILL during the phase
     sent: int = 0
     completed: int = 0  # replies (pointgate) or relayed deliveries (stock)
     acks: int = 0
@@ -110,12 +114,19 @@ class Phase:
     @property
     def ok(self) -> bool:
         """Nothing lost, nothing timed out, no error, every PUBACK after its reply, every code 200."""
+        errors = dict(self.errors)
+        rows_ok = self.rows_expected is None or self.rows_found == self.rows_expected
+        if self.killed_worker:
+            # the killed worker's devices lose their connections, and what it committed but could not answer
+            # is stored without a reply: neither is a failure; losing something acknowledged is
+            errors.pop("connection lost", None)
+            rows_ok = self.rows_expected is None or (self.rows_found or 0) >= self.rows_expected
         return (
             not self.timed_out
-            and not self.errors
+            and not errors
             and not self.puback_before_reply
             and not self.acked_not_stored
-            and (self.rows_expected is None or self.rows_found == self.rows_expected)
+            and rows_ok
             and all(code == "200" for code in self.codes)
         )
 
@@ -184,6 +195,7 @@ def run_phase(
     stock: bool = False,
     idle_devices: int = 0,
     holder_pid: int | None = None,
+    kill_worker_after: float = 0.0,
 ) -> Phase:
     """Drive ``device_keys`` against ``server``: ``messages`` in total, or as many as fit in ``duration``
     seconds (then ``messages`` is only the upper bound); measure everything."""
@@ -237,11 +249,17 @@ def run_phase(
         metrics_before = server.metrics()
         holder_before = proc_cpu_s(holder_pid) if holder_pid else 0.0
         before = Snapshot.take(server.proc.pid, pg_pid)
+        killer = None
+        if kill_worker_after:
+            killer = threading.Timer(go + kill_worker_after - time.monotonic(), _kill_a_worker, (server, phase))
+            killer.start()
         with RssSampler(server.proc.pid) as rss:
             for _, conn in children:
                 conn.send(("go", go))
             results = [loadgen.receive(c, load.timeout + duration + 30, f"{name}: running") for c in children]
             after = Snapshot.take(server.proc.pid, pg_pid)
+        if killer is not None:
+            killer.cancel()
         holder_cpu = proc_cpu_s(holder_pid) - holder_before if holder_pid else 0.0
         metrics_after = server.metrics()
         phase.load_after = load_average()
@@ -263,6 +281,22 @@ def run_phase(
         if table_before is not None and phase.rows_found:
             phase.db_bytes_per_point = (db.table_bytes() - table_before) / phase.rows_found
     return phase
+
+
+def _kill_a_worker(server: Server, phase: Phase) -> None:
+    """SIGKILL one of pointgate's worker processes (a child of the supervisor), as a crash would."""
+    workers = [pid for pid in tree_pids(server.proc.pid) if pid != server.proc.pid and _parent(pid) == server.proc.pid]
+    if workers:
+        os.kill(workers[0], signal.SIGKILL)
+        phase.killed_worker = workers[0]
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _analyse(phase: Phase, results: list[dict[str, Any]], go: float, *, stock: bool) -> None:

@@ -197,3 +197,11 @@ def test_summarise_takes_the_ratio_inside_each_run_then_the_median() -> None:
     line = next(x for x in table(groups) if x.startswith("pointgate"))
     assert "| 2000 (1000–3000) | 2.00 (1.00–3.00) |" in line
     assert "| 20.0 (10.0–30.0) |" in line
+
+
+async def test_a_lost_connection_ends_that_device_and_is_counted() -> None:
+    client, state, _ = _device("reply", total=3, window=3)
+    client.send_now(3, 0.0)
+    client.connection_lost(ConnectionResetError())
+    assert state.errors["connection lost"] == 1
+    assert client.drained and state.finished.done()  # the phase does not wait for answers that cannot come
