@@ -10,7 +10,8 @@ fail the same way, forever).
 PUBACKs leave in the order the messages arrived ([MQTT-4.6.0-2]): a refused message that overtook an accepted
 one waits for that one's commit. At most ``max_in_flight`` messages are held between receipt and PUBACK; at
 the bound the link stops reading and TCP flow control holds the broker back (on MQTT 5 the broker already
-honours the same number as our Receive Maximum).
+honours the same number as our Receive Maximum). Reading also stops while the writer is full: its bound counts
+points, so a few very large messages cannot fill memory either.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class Consumer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._paused = False
+        self._room: asyncio.Task[None] | None = None  # waiting for the writer to have room again
         # (gateway, sub-device) pairs from the registry, refreshed by the service
         self.sub_devices: frozenset[tuple[tuple[str, str], tuple[str, str]]] = frozenset()
         self.received = 0
@@ -140,6 +142,17 @@ class Consumer:
             return
         committed = self._writer.submit(outcome.rows)
         committed.add_done_callback(lambda done: self._on_commit(done, topic, outcome, held))
+        if self._writer.full and self._room is None:
+            # few messages but many points each: the writer's own bound (in points) holds reading back too
+            self._link.pause()
+            self._room = asyncio.create_task(self._resume_when_room())
+
+    async def _resume_when_room(self) -> None:
+        await self._writer.wait_for_room()
+        self._room = None
+        if len(self._held) < self._max_in_flight:
+            self._paused = False
+            self._link.resume()
 
     def _on_commit(self, done: asyncio.Future[None], topic: RequestTopic, outcome: Outcome, held: _Held) -> None:
         if done.cancelled():
@@ -168,7 +181,7 @@ class Consumer:
                 self._holding.pop((d.generation, d.mid), None)
             if first.acknowledge and self._link.ack(d.generation, d.mid, d.qos):
                 self.acknowledged += 1
-        if self._paused and len(self._held) < self._max_in_flight:
+        if self._paused and len(self._held) < self._max_in_flight and self._room is None:
             self._paused = False
             self._link.resume()
         if not self._held:

@@ -45,6 +45,11 @@ class FakeWriter:
 
     def __init__(self) -> None:
         self.futures: list[asyncio.Future[None]] = []
+        self.full = False
+        self.room = asyncio.Event()
+
+    async def wait_for_room(self) -> None:
+        await self.room.wait()
 
     def submit(self, rows: Sequence[Row]) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -137,3 +142,19 @@ async def test_reading_pauses_at_the_bound_and_resumes_below_it() -> None:
     link.paused = False  # a reconnect resumed reading behind the consumer's back
     consumer.on_delivery(delivery(3))  # at the bound again: asked to pause again
     assert link.paused and link.pauses == 2
+
+
+async def test_reading_pauses_while_the_writer_is_full() -> None:
+    """Under the message bound but over the writer's point bound: paused until the writer has room."""
+    consumer, link, writer = make(max_in_flight=100)
+    writer.full = True
+    consumer.on_delivery(delivery(1))
+    assert link.paused
+    writer.futures[0].set_result(None)
+    await settle()
+    assert link.paused  # the message is done, but the writer still says full
+    writer.full = False
+    writer.room.set()
+    await settle()
+    await settle()
+    assert not link.paused
