@@ -3,6 +3,9 @@
 Start-up: thing models (refuse to start on a bad one) → database (embedded or the operator's) → migrations →
 writer → broker listeners → ops endpoint. The database may be down at start: the service starts anyway,
 keeps devices connected, answers no 200, and catches up by itself when PostgreSQL returns.
+
+With ``--workers N`` (N > 1) `serve` hands over to the supervisor (service/supervisor.py), which runs N of these
+services as worker processes sharing the MQTT port, and owns the embedded database and the ops endpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import gc
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -20,15 +24,14 @@ from service import __version__
 from service.broker.config import broker_config
 from service.broker.connection import Limits
 from service.broker.ingest import Ingest
-from service.broker.overrides import PointgateBroker
+from service.broker.overrides import PointgateBroker, SessionEvents
 from service.devices import registry
 from service.devices.auth import DeviceAuthenticator
 from service.devices.brokerauth import AuthServer, check_auth_settings, endpoints
 from service.devices.secretbox import SecretBox, key_path, load_or_create_key
-from service.errors import ConfigError
 from service.model.thingmodel import ThingModel, load_models
 from service.ops import metrics
-from service.ops.http import OpsServer
+from service.ops.http import Check, OpsServer
 from service.ops.logs import get_logger
 from service.resources import migrations_dir
 from service.settings import Settings, parse_bind
@@ -58,10 +61,16 @@ class _State:
 
 
 class Service:
-    """pointgate assembled: `start` brings it up, `stop` drains it. `serve` adds the signal handling."""
+    """pointgate assembled: `start` brings it up, `stop` drains it. `serve` adds the signal handling.
 
-    def __init__(self, settings: Settings) -> None:
+    With ``session_events`` it is one worker of several (service/supervisor.py): its listeners share their ports
+    with the other workers (SO_REUSEPORT), device sessions are reported to ``session_events``, and it serves no
+    ops endpoint (the supervisor does, from `readiness_checks` and the workers' metrics).
+    """
+
+    def __init__(self, settings: Settings, *, session_events: SessionEvents | None = None) -> None:
         self.settings = settings
+        self.session_events = session_events
         self._stack = contextlib.AsyncExitStack()
         self.state: _State | None = None
         self.broker: PointgateBroker | None = None
@@ -90,11 +99,6 @@ class Service:
     async def start(self) -> None:
         """Start everything, in dependency order."""
         settings = self.settings
-        if settings.workers > 1:
-            # said plainly rather than silently running one process: the multi-process mode is not built yet
-            raise ConfigError(
-                "workers: only 1 is supported in this version; run one pointgate per core behind a TCP load balancer"
-            )
         models = load_models(settings.models)  # a malformed model stops start-up here (ModelError)
         metrics.MODELS_LOADED.set(len(models))
         self.state = state = _State(models)
@@ -123,7 +127,9 @@ class Service:
                 max_qos2_inflight=settings.max_qos2_inflight,
             ),
             session_expiry=settings.session_expiry,
+            reuse_port=self.session_events is not None,
         )
+        broker.session_events = self.session_events
         broker.authenticator = DeviceAuthenticator(pool, box, allow_anonymous=settings.allow_anonymous)
         broker.ingest = ingest = Ingest(writer, models, max_payload_bytes=settings.max_payload_bytes)
         broker.points = writer  # while the writer is full, devices' sockets are not read
@@ -134,6 +140,37 @@ class Service:
         # that is down does not hold start-up (the migrator keeps trying and readiness says why)
         await asyncio.wait({self._migrator}, timeout=5)
         await broker.start()
+
+        http = None
+        if self.session_events is None:  # a worker's supervisor serves these for all workers
+            host, port = parse_bind(settings.http_bind, default_host="127.0.0.1")
+            # the broker auth endpoints (docs/scale-out.md), for a cluster broker in front: off unless guarded
+            routes, self.auth_server = endpoints(settings, DeviceAuthenticator(pool, box, allow_anonymous=False))
+            self.ops = ops = OpsServer(host, port, self.readiness_checks(), routes=routes)
+            await ops.start()
+            if self.auth_server is not None:
+                await self.auth_server.start()
+            http = f"{host}:{ops.port}"
+        log.info(
+            "pointgate started" if self.session_events is None else "worker listening",
+            version=__version__,
+            mqtt=f"{parse_bind(settings.mqtt_bind)[0]}:{self.mqtt_port}",
+            mqtts=settings.mqtts_bind,
+            http=http,
+            database="embedded" if settings.database_url is None else "external",
+            psql=f"psql '{dsn}'" if settings.database_url is None else None,
+            models=len(models),
+            anonymous=settings.allow_anonymous,
+        )
+
+    async def abort(self) -> None:
+        """Release what a failed `start` left open (the embedded database among it)."""
+        await self._stack.aclose()
+
+    def readiness_checks(self) -> dict[str, Check]:
+        """What ``/readyz`` asks: the database answers, migrations are applied, models are loaded."""
+        assert self._pool is not None and self.state is not None
+        pool, state = self._pool, self.state
 
         async def database_check() -> str | None:
             async with pool.acquire(timeout=1) as conn:
@@ -146,37 +183,17 @@ class Service:
         async def models_check() -> str | None:
             return None if state.models else "no thing models loaded"
 
-        host, port = parse_bind(settings.http_bind, default_host="127.0.0.1")
-        # the broker auth endpoints (docs/scale-out.md), for a cluster broker in front: off unless guarded
-        routes, self.auth_server = endpoints(settings, DeviceAuthenticator(pool, box, allow_anonymous=False))
-        self.ops = ops = OpsServer(
-            host,
-            port,
-            {"database": database_check, "migrations": migrations_check, "models": models_check},
-            routes=routes,
-        )
-        await ops.start()
-        if self.auth_server is not None:
-            await self.auth_server.start()
-        log.info(
-            "pointgate started",
-            version=__version__,
-            mqtt=f"{parse_bind(settings.mqtt_bind)[0]}:{self.mqtt_port}",
-            mqtts=settings.mqtts_bind,
-            http=f"{host}:{ops.port}",
-            database="embedded" if settings.database_url is None else "external",
-            psql=f"psql '{dsn}'" if settings.database_url is None else None,
-            models=len(models),
-            anonymous=settings.allow_anonymous,
-        )
+        return {"database": database_check, "migrations": migrations_check, "models": models_check}
 
     async def stop(self) -> None:
         """Drain and stop, in order; each step says why it is where it is."""
-        assert self.broker is not None and self.writer is not None and self.ops is not None and self.state is not None
+        assert self.broker is not None and self.writer is not None and self.state is not None
         broker, writer, ops = self.broker, self.writer, self.ops
         # 1. Readiness goes false first, so load balancers stop sending new devices here.
         self.state.draining = True
-        ops.set_draining()
+        metrics.DRAINING.set(1)
+        if ops is not None:
+            ops.set_draining()
         log.info("draining", deadline_s=self.settings.drain_timeout)
         # 2. Stop accepting connections; connected devices stay until their data is answered.
         broker.stop_accepting()
@@ -200,19 +217,24 @@ class Service:
                 await asyncio.wait_for(self._pool.close(), 2)
         if self.auth_server is not None:
             await self.auth_server.stop()
-        await ops.stop()
+        if ops is not None:
+            await ops.stop()
         await self._stack.aclose()
         log.info("pointgate stopped")
 
 
 async def serve(settings: Settings) -> int:
     """Run pointgate until SIGTERM/SIGINT; return the process exit code."""
+    if settings.workers > 1:
+        from service.supervisor import supervise
+
+        return await supervise(settings)
     service = Service(settings)
-    stop = _install_signal_handlers()
+    stop = install_signal_handlers()
     try:
         await service.start()
     except BaseException:
-        await service._stack.aclose()
+        await service.abort()
         raise
     # everything built at start-up lives until exit: keep it out of the collector's way, so full collections
     # (29-102 ms measured under load) stop landing in the reply-latency tail
@@ -257,7 +279,10 @@ async def _refresh_sub_devices(pool: asyncpg.Pool, ingest: Ingest, state: _State
         await asyncio.sleep(_TOPOLOGY_REFRESH_SECONDS)
 
 
-def _install_signal_handlers() -> asyncio.Event:
+def install_signal_handlers(
+    signals: tuple[signal.Signals, ...] = HANDLED_SIGNALS, *, on_second: Callable[[], None] | None = None
+) -> asyncio.Event:
+    """An event set by the first of ``signals``; a second one calls ``on_second`` and ends the process (exit 1)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -265,11 +290,13 @@ def _install_signal_handlers() -> asyncio.Event:
         if stop.is_set():
             # a second signal: the operator wants out now, drain or not
             log.warning("second signal, exiting immediately", signal=sig.name)
+            if on_second is not None:
+                on_second()
             os._exit(1)
         log.info("signal received", signal=sig.name)
         stop.set()
 
-    for sig in HANDLED_SIGNALS:
+    for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
     return stop
 

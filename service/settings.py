@@ -45,6 +45,24 @@ def _default_data_dir() -> Path:
     return Path(base) / "pointgate"
 
 
+_MAX_WORKERS = 64
+
+
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, lowered by a cgroup v2 CPU quota (a container limit)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))  # ceiling: 1.5 CPUs → 2 workers
+    except (OSError, ValueError):
+        pass
+    return max(1, min(cores, _MAX_WORKERS))
+
+
 def parse_bind(value: str, *, default_host: str = "0.0.0.0") -> tuple[str, int]:  # noqa: S104 - devices connect from anywhere
     """Split ``HOST:PORT`` (``[::1]:1883`` for IPv6, ``:1883`` for all interfaces) into its parts."""
     host, sep, port = value.rpartition(":")
@@ -82,7 +100,12 @@ class Settings(BaseSettings):
     database_url: SecretStr | None = Field(None, description="PostgreSQL DSN; unset = embedded server in data_dir")
     data_dir: Path = Field(default_factory=_default_data_dir)
     models: Path = Field(default_factory=schemas_dir, description="directory of thing model JSON files")
-    workers: int = Field(1, ge=1, le=64)
+    workers: int = Field(
+        default_factory=available_cores,
+        ge=1,
+        le=_MAX_WORKERS,
+        description="processes sharing the MQTT port (SO_REUSEPORT); default: the cores available",
+    )
     allow_anonymous: bool = False
     secret_key_file: Path | None = Field(None, description="key that encrypts device secrets; default in data_dir")
     max_payload_bytes: int = Field(512 * 1024, ge=1024, le=64 * 1024 * 1024)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -93,11 +94,22 @@ def test_migrate_against_unreachable_database_fails_cleanly() -> None:
     assert "Traceback" not in result.output
 
 
-def test_serve_refuses_more_than_one_worker(tmp_path: Path) -> None:
-    """`--workers 2` is refused with a clear message instead of silently running one process."""
-    result = runner.invoke(app, ["serve", "--workers", "2", "--data-dir", str(tmp_path / "d")])
+def test_serve_refuses_zero_workers(tmp_path: Path) -> None:
+    """`--workers 0` is refused with one line naming the setting."""
+    result = runner.invoke(app, ["serve", "--workers", "0", "--data-dir", str(tmp_path / "d")])
     assert result.exit_code == 2
     assert "workers" in result.output and "Traceback" not in result.output
+
+
+def test_serve_with_workers_refuses_a_port_in_use(tmp_path: Path) -> None:
+    """`--workers 2` on a port another program listens on stops at once, naming the address."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        bind = f"127.0.0.1:{taken.getsockname()[1]}"
+        result = runner.invoke(app, ["serve", "--workers", "2", "--mqtt-bind", bind, "--data-dir", str(tmp_path / "d")])
+    assert result.exit_code == 2
+    assert f"cannot listen on {bind}" in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.slow

@@ -35,21 +35,27 @@ Broker:
   B12 lean sessions (issue 7 #4): no ``transitions`` state machine and no queues until one is needed.
   B13 persistent sessions of devices that never return expire (``session_expiry``), counted as a limit hit;
       the offline queue of a persistent session is bounded in bytes like a connection's.
+
+Workers (``serve --workers N``, service/supervisor.py):
+  W1  ``session_events`` hears each device session begin and end, and `PointgateBroker.evict_session` closes a
+      session that reconnected on another worker: take-over across processes, relayed by the supervisor.
+  W2  with ``reuse_port`` the TCP listeners bind with SO_REUSEPORT, so every worker listens on the same port.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import ssl
 import time
 from collections import deque
 from math import floor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from amqtt.broker import Broker, RetainedApplicationMessage
-from amqtt.contexts import Action, ListenerConfig
+from amqtt.contexts import Action, ListenerConfig, ListenerType
 from amqtt.errors import AMQTTError
 from amqtt.events import BrokerEvents
 from amqtt.session import Session
@@ -229,6 +235,20 @@ async def read_connect(reader: asyncio.StreamReader, max_bytes: int) -> Pointgat
     return session
 
 
+class SessionEvents(Protocol):
+    """Who hears that a session began or ended on this broker (W1; service/supervisor.py in a worker).
+
+    ``connection`` identifies one connection of the session (a persistent session outlives its connections):
+    hand it back to `PointgateBroker.evict_session`.
+    """
+
+    def connected(self, client_id: str, connection: object, clean: bool) -> None:
+        """A device's session is now connected here (called before its CONNACK leaves)."""
+
+    def disconnected(self, client_id: str, connection: object, clean: bool) -> None:
+        """That connection ended; with ``clean`` False the session stays on this broker."""
+
+
 class PointgateBroker(Broker):
     """amqtt's Broker with B1–B13; each connection runs as a `Connection`."""
 
@@ -240,9 +260,12 @@ class PointgateBroker(Broker):
         max_packet_bytes: int,
         limits: Limits | None = None,
         session_expiry: float | None = None,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(config)
         self.connect_timeout = connect_timeout
+        self.reuse_port = reuse_port  # W2
+        self.session_events: SessionEvents | None = None  # W1
         self.max_packet_bytes = max_packet_bytes
         base = limits or Limits()
         self.limits = Limits(
@@ -317,6 +340,8 @@ class PointgateBroker(Broker):
             client_session.client_id = f"{identity[0]}/{identity[1]}/{client_session.client_id}"
         session = await self._adopt_session(client_session)
         self._sessions[session.client_id] = (session, handler)
+        if self.session_events is not None:  # W1
+            self.session_events.connected(session.client_id, handler, session.clean_session)
         handler.begin(session, connack(_ACCEPTED, session_present=bool(session.parent)))
         metrics.CONNECTED_DEVICES.inc()
         try:
@@ -400,9 +425,29 @@ class PointgateBroker(Broker):
         if client_session.transitions.state == "connected":
             client_session.transitions.disconnect()
         metrics.CONNECTED_DEVICES.dec()
+        if self.session_events is not None:  # W1
+            self.session_events.disconnected(client_session.client_id, handler, client_session.clean_session)
         await self.plugins_manager.fire_event(
             BrokerEvents.CLIENT_DISCONNECTED, client_id=client_session.client_id, client_session=client_session
         )
+
+    # W1 ------------------------------------------------------------------------------------------------
+    async def evict_session(self, client_id: str, connection: object) -> None:
+        """The session reconnected on another worker: close ``connection`` if it is still this session's, and
+        drop the session (its state now lives with the new connection). A newer connection here is left alone."""
+        existing = self._sessions.get(client_id)
+        if existing is None or existing[1] is not connection:
+            return
+        session, handler = existing
+        if session.transitions.is_connected():
+            log.info("client id connected on another worker, taking over", extra={"client_id": client_id})
+            await handler.handle_connection_closed()
+            for _ in range(100):  # the connection's task marks its session disconnected
+                if not session.transitions.is_connected():
+                    break
+                await asyncio.sleep(0.02)
+        if self._sessions.get(client_id, (None, None))[1] is connection:
+            await self._delete_session(client_id)
 
     # B9 ------------------------------------------------------------------------------------------------
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
@@ -576,6 +621,26 @@ class PointgateBroker(Broker):
             await asyncio.sleep(1)
 
     # service hooks -----------------------------------------------------------------------------------------
+    # W2 ------------------------------------------------------------------------------------------------
+    async def _create_server_instance(
+        self,
+        listener_name: str,
+        listener_type: ListenerType,
+        address: str | None,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+    ) -> Any:
+        if not self.reuse_port or listener_type != ListenerType.TCP:
+            return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+        return await asyncio.start_server(
+            functools.partial(self.stream_connected, listener_name=listener_name),
+            address,
+            port,
+            reuse_address=True,
+            reuse_port=True,
+            ssl=ssl_context,
+        )
+
     def listener_port(self, listener: str) -> int:
         """The port a listener is bound to (its real one when configured with port 0)."""
         port: int = self._servers[listener].instance.sockets[0].getsockname()[1]

@@ -91,7 +91,10 @@ def serve(
     database_url: DatabaseOpt = None,
     data_dir: DataDirOpt = None,
     models: Annotated[Path | None, typer.Option(help="Directory of thing models [schemas/].")] = None,
-    workers: Annotated[int | None, typer.Option(help="Worker processes sharing the MQTT port.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Worker processes sharing the MQTT port [the cores available]; 1: one plain process."),
+    ] = None,
     allow_anonymous: Annotated[
         bool | None,
         typer.Option(

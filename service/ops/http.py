@@ -19,9 +19,10 @@ from aiohttp import web
 from service.ops import metrics
 from service.ops.logs import get_logger
 
-__all__ = ["Check", "OpsServer"]
+__all__ = ["Check", "OpsServer", "run_checks"]
 
 Check = Callable[[], Awaitable[str | None]]
+Render = Callable[[], tuple[bytes, str]]
 
 _OK = "ok"
 _log = get_logger(__name__)
@@ -38,12 +39,14 @@ class OpsServer:
         *,
         check_timeout: float = 1.0,
         routes: Sequence[web.RouteDef] = (),
+        render: Render = metrics.render,
     ) -> None:
         self.host = host
         self._routes = list(routes)  # more endpoints on this listener (the broker auth endpoints)
         self.port = port
         self._checks = dict(checks)
         self._check_timeout = check_timeout
+        self._render = render
         self._draining = False
         self._was_ready: bool | None = None
         self._runner: web.AppRunner | None = None
@@ -84,24 +87,11 @@ class OpsServer:
         self._draining = True
         metrics.DRAINING.set(1)
 
-    async def _run_check(self, check: Check) -> str:
-        try:
-            async with asyncio.timeout(self._check_timeout):
-                reason = await check()
-        except TimeoutError:
-            return "timeout"
-        except Exception as exc:
-            # A check that raises is a failing check, not a failing probe.
-            return f"error: {type(exc).__name__}: {exc}"
-        return _OK if reason is None else reason
-
     async def _livez(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        names = list(self._checks)
-        results = await asyncio.gather(*(self._run_check(self._checks[name]) for name in names))
-        checks = dict(zip(names, results, strict=True))
+        checks = await run_checks(self._checks, self._check_timeout)
         if self._draining:
             checks["draining"] = "draining"
         ready = all(result == _OK for result in checks.values())
@@ -118,5 +108,24 @@ class OpsServer:
         return web.json_response({"status": "not ready", "checks": checks}, status=503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body, content_type = metrics.render()
+        body, content_type = self._render()
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def run_checks(checks: Mapping[str, Check], each_s: float) -> dict[str, str]:
+    """Run every check concurrently, each under ``each_s`` seconds: name → ``"ok"`` or the reason it fails."""
+    names = list(checks)
+    results = await asyncio.gather(*(_run_check(checks[name], each_s) for name in names))
+    return dict(zip(names, results, strict=True))
+
+
+async def _run_check(check: Check, each_s: float) -> str:
+    try:
+        async with asyncio.timeout(each_s):
+            reason = await check()
+    except TimeoutError:
+        return "timeout"
+    except Exception as exc:
+        # A check that raises is a failing check, not a failing probe.
+        return f"error: {type(exc).__name__}: {exc}"
+    return _OK if reason is None else reason

@@ -7,6 +7,11 @@ unbounded, and per-device detail belongs in the logs (``service.ops.logs``), not
 ``REGISTRY`` is ours rather than prometheus-client's global one, so tests can read exact values and
 nothing a library registers globally leaks onto ``/metrics``. The process and platform collectors
 are added to it explicitly.
+
+With ``serve --workers N`` each worker runs in prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``
+set by the supervisor before the worker starts): counters and histograms add up across workers, and each gauge
+says how (``multiprocess_mode``: connected devices and queued points are summed over live workers). The
+supervisor serves them through `SupervisorMetrics`, with its own process metrics and the worker gauges.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from service import __version__
 
@@ -55,6 +61,7 @@ __all__ = [
     "AuthFailureReason",
     "LimitName",
     "MessageOutcome",
+    "SupervisorMetrics",
     "WriteErrorReason",
     "render",
 ]
@@ -136,6 +143,7 @@ WRITE_QUEUE_POINTS = Gauge(
     "pointgate_write_queue_points",
     "Points accepted from devices and waiting to be committed.",
     registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 
 # --- devices --------------------------------------------------------------------------------------
@@ -143,6 +151,7 @@ CONNECTED_DEVICES = Gauge(
     "pointgate_connected_devices",
     "Devices with an open, authenticated MQTT connection.",
     registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 AUTH_FAILURES = Counter(
     "pointgate_auth_failures_total",
@@ -184,17 +193,20 @@ MODELS_LOADED = Gauge(
     "pointgate_models_loaded",
     "Thing models compiled and in use.",
     registry=REGISTRY,
+    multiprocess_mode="livemax",
 )
 BUILD_INFO = Gauge(
     "pointgate_build_info",
     "Always 1; the version label says which pointgate is running.",
     ["version"],
     registry=REGISTRY,
+    multiprocess_mode="livemax",
 )
 DRAINING = Gauge(
     "pointgate_draining",
     "1 once shutdown has begun and the service is draining, else 0.",
     registry=REGISTRY,
+    multiprocess_mode="livemax",
 )
 
 BUILD_INFO.labels(version=__version__).set(1)
@@ -214,3 +226,35 @@ def render() -> tuple[bytes, str]:
     # generate_latest writes the classic text format; announce it as 0.0.4, which every Prometheus
     # and every scraper understands (our names need none of the 1.0.0 escaping).
     return generate_latest(REGISTRY), CONTENT_TYPE_PLAIN_0_0_4
+
+
+class SupervisorMetrics:
+    """``/metrics`` of ``serve --workers N``: the workers' metrics added up, plus the supervisor's own.
+
+    Built only in the supervisor: a metric defined at import time would also be written by every worker.
+    """
+
+    def __init__(self, multiprocess_dir: str, workers: int) -> None:
+        self.registry = registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+        self.workers_running = Gauge(
+            "pointgate_workers", "Worker processes running (serve --workers N).", registry=registry
+        )
+        self.worker_restarts = Counter(
+            "pointgate_worker_restarts_total", "Workers restarted after they died.", registry=registry
+        )
+        self.worker_devices = Gauge(
+            "pointgate_worker_connected_devices",
+            "Devices connected to each worker (the kernel spreads connections over the workers).",
+            ["worker"],
+            registry=registry,
+        )
+        for index in range(workers):
+            self.worker_devices.labels(worker=str(index))
+
+    def render(self) -> tuple[bytes, str]:
+        """The body and Content-Type of a ``/metrics`` response."""
+        return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4

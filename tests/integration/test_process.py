@@ -47,6 +47,7 @@ class Pointgate:
             "POINTGATE_MODELS": str(schemas_dir()),
             "POINTGATE_ALLOW_ANONYMOUS": "true",
             "POINTGATE_LOG_FORMAT": "json",
+            "POINTGATE_WORKERS": "1",  # the single-process service; test_workers.py runs several
             **env,
         }
         self.log = data_dir / "pointgate.log"
