@@ -259,12 +259,21 @@ class Supervisor:
         """Run a worker in this slot until the drain, replacing it whenever it dies."""
         ever_started = False
         while not self.draining:
-            reader = await self._spawn(worker)
-            await self._listen(worker, reader)
-            assert worker.process is not None
-            code = worker.exit_code = await worker.process.wait()
-            ever_started = ever_started or worker.started.is_set()
-            self._forget(worker)
+            try:
+                reader = await self._spawn(worker)
+            except OSError as exc:  # out of processes or descriptors: as good as a death
+                if not ever_started:
+                    raise ServiceFault(f"cannot start worker {worker.index}: {exc}") from exc
+                worker.process, worker.exit_code, worker.started_at = None, None, time.monotonic()
+                code = None
+            else:
+                if not await self._listen(worker, reader) and worker.running and worker.process is not None:
+                    log.error("worker broke the control protocol, killing it", worker=worker.index)
+                    worker.process.kill()
+                assert worker.process is not None
+                code = worker.exit_code = await worker.process.wait()
+                ever_started = ever_started or worker.started.is_set()
+                self._forget(worker)
             if self.draining:
                 return
             if not ever_started:
@@ -317,10 +326,16 @@ class Supervisor:
         return reader
 
     # the control socket -----------------------------------------------------------------------------------
-    async def _listen(self, worker: _Worker, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(ConnectionError, ValueError):  # ValueError: a line over the limit, not JSON
+    async def _listen(self, worker: _Worker, reader: asyncio.StreamReader) -> bool:
+        """Act on a worker's messages until it closes its end (True) or sends nonsense (False)."""
+        try:
             while line := await reader.readline():
                 self._on_message(worker, json.loads(line))
+        except ConnectionError:
+            return True
+        except (ValueError, KeyError, TypeError):  # a line over the limit, not JSON, a field missing
+            return False
+        return True
 
     def _on_message(self, worker: _Worker, message: dict[str, Any]) -> None:
         kind = message.get("t")
@@ -448,7 +463,9 @@ async def _all_set(events: list[asyncio.Event]) -> None:
         await event.wait()
 
 
-def _describe(code: int) -> str:
+def _describe(code: int | None) -> str:
+    if code is None:
+        return "not started"
     if code < 0:
         with contextlib.suppress(ValueError):
             return f"killed by {signal.Signals(-code).name}"
