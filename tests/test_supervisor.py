@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from service.settings import Settings
-from service.supervisor import Supervisor, _Link
+from service.supervisor import Supervisor, _Link, _plain
 
 
 class FakeControl:
@@ -113,3 +113,11 @@ async def test_a_worker_evicts_only_the_connection_it_was_told_about() -> None:
     link._evict("k", 2)
     await asyncio.gather(*link.evictions)
     assert broker.evicted == [("k", second)]
+
+
+def test_workers_get_the_secrets_in_clear(tmp_path: Path) -> None:
+    """A worker's settings carry the real DSN and secrets, not pydantic's redaction."""
+    settings = Settings(database_url="postgresql://u:pw@db/x", auth_secret="s3cret", data_dir=tmp_path)
+    data = _plain(settings)
+    assert data["database_url"] == "postgresql://u:pw@db/x" and data["auth_secret"] == "s3cret"
+    assert Settings(**data).database_url == settings.database_url
