@@ -211,8 +211,16 @@ def test_killed_worker_is_replaced_and_nothing_acknowledged_is_lost(workers: Poi
         workers.wait_until("/readyz", 200)
         assert _metric_sum(workers, "pointgate_worker_restarts_total") == 1
         assert _metric_sum(workers, "pointgate_workers") == 2
-        mark = _acknowledged(publishers)
-        _eventually(lambda: _acknowledged(publishers) >= mark + 50, what="acknowledgements after the restart")
+        fresh = [Device(workers.mqtt_port, f"new{n}") for n in range(8)]
+        try:  # devices connecting now are served, by both workers
+            for n, device in enumerate(fresh):
+                assert device.connect() == 0
+                request = {**REQUEST, "params": {"measurepoints": {"temp": 1}}}
+                assert device.request(resume_topic(dk=f"new{n}"), request)["code"] == 200
+            assert _devices_per_worker(workers)["1"] > 0
+        finally:
+            for device in fresh:
+                device.close()
     finally:
         for publisher in publishers:
             publisher.close()
