@@ -57,6 +57,7 @@ import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -104,7 +105,8 @@ async def supervise(settings: Settings) -> int:
     load_models(settings.models)  # a bad model or TLS setup stops start-up here, once, naming the file
     broker_config(settings)
     check_auth_settings(settings)
-    metrics_dir = tempfile.mkdtemp(prefix="pointgate-metrics-")  # mode 0700: ours alone
+    _remove_stale_metrics_dirs()
+    metrics_dir = tempfile.mkdtemp(prefix=f"pointgate-metrics-{os.getpid()}-")  # mode 0700: ours alone
     clean = False
     try:
         supervisor = Supervisor(settings, metrics_dir)
@@ -158,6 +160,20 @@ async def supervise(settings: Settings) -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("pointgate stopped", drained=clean)
     return 0 if clean else 1
+
+
+def _remove_stale_metrics_dirs() -> None:
+    """Remove the metrics directories of supervisors that were killed (-9) before they could clean up."""
+    for path in Path(tempfile.gettempdir()).glob("pointgate-metrics-*-*"):
+        pid = path.name.split("-")[2]
+        try:
+            if not pid.isdigit() or path.stat().st_uid != os.geteuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue  # alive under another user, or gone meanwhile
 
 
 def _plain(settings: Settings) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.request
@@ -39,7 +40,11 @@ def workers(migrated_dsn: str, tmp_path: Path) -> Iterator[Pointgate]:
 
 
 def _kill_all(process: Pointgate) -> None:
-    # the parent's SIGKILL would leave its workers to notice and drain: kill them too, by pid
+    # SIGTERM first, so the supervisor removes its metrics directory; then SIGKILL whatever is left, by pid
+    if process.proc.poll() is None:
+        process.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.proc.wait(20)
     for pid in _worker_pids(process).values():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
