@@ -4,7 +4,7 @@ Figures (see benchmarks/README.md, "What the columns mean"): throughput over the
 of replies by receive time), reply and PUBACK latency per message over the middle 80 % by send order, CPU of
 the server's process tree, of PostgreSQL and of the generator, the server's RSS over time, the writer's
 batches from ``/metrics``, and the checks: PUBACKs that overtook their reply, and messages acknowledged but
-not stored (looked up message by message in ``point_data``).
+not stored (looked up message by message in ``measurepoints``).
 """
 
 from __future__ import annotations
@@ -416,7 +416,7 @@ def _check_stored(
     results: list[dict[str, Any]],
     time_base_ms: int,
 ) -> None:
-    """Rows found vs replies × points, and every acknowledged message looked up in ``point_data``.
+    """Rows found vs replies × points, and every acknowledged message looked up in ``measurepoints``.
 
     Acknowledged: PUBACKed at QoS 1; answered at QoS 0 (there is no PUBACK).
     """

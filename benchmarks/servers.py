@@ -3,7 +3,7 @@
 pointgate and stock amqtt run as child processes on free loopback ports and are stopped by their PIDs.
 PostgreSQL is a durable embedded cluster in the run's work directory (``fsync`` and ``synchronous_commit``
 on), or the operator's ``--database-url``. `Database` also answers what the benchmark checks afterwards:
-which messages are in ``point_data`` with all their points, and how many bytes the table grew.
+which messages are in ``measurepoints`` with all their points, and how many bytes the points tables grew.
 
 ``python -m benchmarks.servers --stock-port PORT`` is the stock broker process itself.
 """
@@ -265,8 +265,14 @@ class Database:
         return str(rows[0][0])
 
     def table_bytes(self) -> int:
-        """``pg_total_relation_size`` of ``point_data`` (heap, indexes, TOAST)."""
-        rows = asyncio.run(self._fetch("SELECT pg_total_relation_size('point_data')"))
+        """``pg_total_relation_size`` of the points partitions, latest values and series (heap, indexes, TOAST)."""
+        rows = asyncio.run(
+            self._fetch(
+                "SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0)"
+                " + pg_total_relation_size('points_latest') + pg_total_relation_size('series')"
+                " FROM pg_inherits WHERE inhparent = 'points'::regclass"
+            )
+        )
         return int(rows[0][0])
 
     def stored(self, device_prefix: str, points: int) -> tuple[int, set[tuple[str, int]]]:
@@ -275,7 +281,7 @@ class Database:
         rows = asyncio.run(
             self._fetch(
                 "SELECT device_key, round(extract(epoch FROM ts) * 1000)::bigint AS ms, count(*) AS n"
-                " FROM point_data WHERE product_key = $1 AND device_key LIKE $2 GROUP BY 1, 2",
+                " FROM measurepoints WHERE product_key = $1 AND device_key LIKE $2 GROUP BY 1, 2",
                 PRODUCT_KEY,
                 device_prefix + "%",
             )

@@ -37,6 +37,7 @@ from service.resources import migrations_dir
 from service.settings import Settings, parse_bind
 from service.storage.database import database_dsn
 from service.storage.migrate import apply_migrations, pending_migrations
+from service.storage.partitions import policy_from_settings
 from service.storage.writer import PointWriter
 
 log = get_logger("pointgate")
@@ -104,6 +105,7 @@ class Service:
         self.state = state = _State(models)
         config = broker_config(settings)  # refuses a bad TLS setup before anything is started
         check_auth_settings(settings)
+        policy = policy_from_settings(settings)  # and a partition width / retention that cannot work
 
         self.dsn = dsn = await self._stack.enter_async_context(database_dsn(settings))
         # after the embedded server prepared the data directory (its modes matter to the PostgreSQL user)
@@ -114,6 +116,7 @@ class Service:
             batch_points=settings.write_batch_points,
             connections=settings.write_connections,
             schema_ready=state.schema_ready,
+            policy=policy,
         )
         self.broker = broker = PointgateBroker(
             config,

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextvars
 import os
+import re
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, PlainSerializer, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -86,6 +88,48 @@ def parse_broker_url(value: str) -> tuple[bool, str, int]:
     return tls, parts.hostname, port or (8883 if tls else 1883)
 
 
+_DURATION = re.compile(r"\s*(\d+)\s*([wdhm])\s*", re.IGNORECASE)
+_UNIT_SECONDS = {"w": 604_800, "d": 86_400, "h": 3_600, "m": 60}
+
+
+def parse_duration(value: Any) -> Any:
+    """``90d``, ``12h``, ``2w``, ``30m`` (or a number of seconds) as a timedelta; ``off``/``""`` as None."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "off", "none"):
+            return None
+        match = _DURATION.fullmatch(text)
+        if match is None:
+            if text.isdigit():
+                return timedelta(seconds=int(text))
+            raise ValueError(f"expected a duration like 90d, 12h, 2w or 30m, got {value!r}")
+        return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2).lower()])
+    return value
+
+
+def format_duration(value: timedelta) -> str:
+    """The shortest of ``Nw``, ``Nd``, ``Nh``, ``Nm``, ``Ns`` that is exact."""
+    seconds = int(value.total_seconds())
+    for unit, size in (("w", 604_800), ("d", 86_400), ("h", 3_600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _format_optional(value: timedelta | None) -> str | None:
+    return None if value is None else format_duration(value)
+
+
+Duration = Annotated[
+    timedelta, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str, when_used="json")
+]
+OptionalDuration = Annotated[
+    timedelta | None,
+    BeforeValidator(parse_duration),
+    PlainSerializer(_format_optional, return_type=str | None, when_used="json"),
+]
+
+
 class Settings(BaseSettings):
     """Everything an operator can set. Each field is also ``POINTGATE_<FIELD NAME>`` in the environment."""
 
@@ -125,6 +169,12 @@ class Settings(BaseSettings):
     )
     write_batch_points: int = Field(5000, ge=1, description="most points in one database transaction")
     write_connections: int = Field(2, ge=1, le=32, description="database connections writing points in parallel")
+    partition_width: Duration = Field(timedelta(days=1), description="time range of one points partition (e.g. 1d, 6h)")
+    partitions_ahead: int = Field(3, ge=1, le=1000, description="partitions kept created ahead of now")
+    partition_backfill: Duration = Field(
+        timedelta(days=365), description="how far back partitions are created on demand; older goes to the default"
+    )
+    retention: OptionalDuration = Field(None, description="drop partitions older than this (e.g. 90d); unset: keep all")
     embedded_user: str | None = Field(None, description="user that runs the embedded PostgreSQL when root")
     embedded_port: int | None = Field(None, ge=1, le=65535, description="also expose the embedded DB on 127.0.0.1")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

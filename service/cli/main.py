@@ -188,6 +188,9 @@ def _mount_devices() -> None:
     from service.cli.devices import app as devices_app
 
     app.add_typer(devices_app, name="device")
+    from service.cli.storage import app as storage_app
+
+    app.add_typer(storage_app, name="storage")
 
 
 _mount_devices()

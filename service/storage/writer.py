@@ -24,7 +24,7 @@ import contextlib
 import time
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -33,20 +33,50 @@ import orjson
 from service.ops import metrics
 from service.ops.logs import get_logger
 from service.pipeline import Row
+from service.storage.partitions import Policy, ensure_buckets, maintain, managed_buckets
 
 log = get_logger(__name__)
 
+# Points and latest values in one statement (one transaction, one round trip). ``u`` is read twice, so
+# PostgreSQL materialises it once. The latest value moves only forward in device time: a late older point
+# never replaces it, and a re-send of the same time (last write wins) does.
 UPSERT = """
-INSERT INTO point_data (product_key, device_key, point, ts, value_num, value_text, value_bool, value_json,
-                        quality, received_at)
-SELECT pk, dk, p, 'epoch'::timestamptz + t * interval '1 millisecond', vn, vt, vb, vj, q,
-       'epoch'::timestamptz + r * interval '1 millisecond'
-FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::float8[], $6::text[], $7::bool[], $8::jsonb[],
-            $9::int2[], $10::int8[]) AS u(pk, dk, p, t, vn, vt, vb, vj, q, r)
-ON CONFLICT (product_key, device_key, point, ts) DO UPDATE SET
-    value_num = EXCLUDED.value_num, value_text = EXCLUDED.value_text, value_bool = EXCLUDED.value_bool,
-    value_json = EXCLUDED.value_json, quality = EXCLUDED.quality, received_at = EXCLUDED.received_at
+WITH u AS (
+    SELECT s, 'epoch'::timestamptz + t * interval '1 millisecond' AS ts, vn, vt, vb, vj, q,
+           'epoch'::timestamptz + r * interval '1 millisecond' AS ra, l
+    FROM unnest($1::int4[], $2::int8[], $3::float8[], $4::text[], $5::bool[], $6::jsonb[], $7::int2[],
+                $8::int8[], $9::bool[]) AS u(s, t, vn, vt, vb, vj, q, r, l)
+), history AS (
+    INSERT INTO points (series_id, quality, value_bool, ts, received_at, value_num, value_text, value_json)
+    SELECT s, q, vb, ts, ra, vn, vt, vj FROM u
+    ON CONFLICT (series_id, ts) DO UPDATE SET
+        quality = EXCLUDED.quality, value_bool = EXCLUDED.value_bool, received_at = EXCLUDED.received_at,
+        value_num = EXCLUDED.value_num, value_text = EXCLUDED.value_text, value_json = EXCLUDED.value_json
+)
+INSERT INTO points_latest AS cur (series_id, quality, value_bool, ts, received_at, value_num, value_text, value_json)
+SELECT s, q, vb, ts, ra, vn, vt, vj FROM u WHERE l
+ON CONFLICT (series_id) DO UPDATE SET
+    quality = EXCLUDED.quality, value_bool = EXCLUDED.value_bool, ts = EXCLUDED.ts,
+    received_at = EXCLUDED.received_at, value_num = EXCLUDED.value_num, value_text = EXCLUDED.value_text,
+    value_json = EXCLUDED.value_json
+WHERE cur.ts <= EXCLUDED.ts
 """
+
+# The series dictionary: look up first (the usual case after a restart), create what is missing in key
+# order (so concurrent writers lock in the same order and never deadlock), then read the new ids in a new
+# statement: a concurrent writer's committed insert is invisible to the statement that skipped it.
+SELECT_SERIES = """
+SELECT s.id, s.product_key, s.device_key, s.point
+FROM unnest($1::text[], $2::text[], $3::text[]) AS k(pk, dk, p)
+JOIN series s ON s.product_key = k.pk AND s.device_key = k.dk AND s.point = k.p
+"""
+INSERT_SERIES = """
+INSERT INTO series (product_key, device_key, point)
+SELECT pk, dk, p FROM unnest($1::text[], $2::text[], $3::text[]) AS k(pk, dk, p) ORDER BY pk, dk, p
+ON CONFLICT DO NOTHING
+"""
+
+SeriesKey = tuple[str, str, str]
 
 # SQLSTATE classes that mean "try again": connection exception, insufficient resources, operator
 # intervention (shutdown), transaction rollback (deadlock, serialization)
@@ -54,6 +84,8 @@ _TRANSIENT_CLASSES = ("08", "53", "57", "40")
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.05, 2.0
 DEFAULT_CONNECTIONS = 2
 DEFAULT_MAX_QUEUED_POINTS = 200_000
+MAINTENANCE_SECONDS = 600.0
+MAINTENANCE_RETRY_SECONDS = 30.0
 
 
 @dataclass(slots=True, eq=False)
@@ -144,15 +176,19 @@ def value_columns(value: object) -> tuple[float | None, str | None, bool | None,
     return None, None, None, orjson.dumps(value).decode()
 
 
-def to_columns(rows: Sequence[Row]) -> tuple[list[object], ...]:
-    """Split rows into the ten parallel arrays of `UPSERT`, one value column set per row (by JSON type)."""
-    cols: tuple[list[object], ...] = tuple([] for _ in range(10))
-    pk, dk, pt, ts, vn, vt, vb, vj, q, r = cols
-    for row in last_writes(rows):
+def to_columns(rows: Sequence[Row], series: Mapping[SeriesKey, int]) -> tuple[list[object], ...]:
+    """The nine parallel arrays of `UPSERT`: series id, time, one value column set per row, quality, received
+    time, and whether the row is its series' newest in this batch (the one offered to ``points_latest``).
+
+    ``rows`` must hold one row per (device, point, ts) already (`last_writes`).
+    """
+    cols: tuple[list[object], ...] = tuple([] for _ in range(9))
+    sid, ts, vn, vt, vb, vj, q, r, newest = cols
+    latest_index: dict[int, int] = {}
+    for index, row in enumerate(rows):
+        series_id = series[(row.product_key, row.device_key, row.point)]
         num, text, flag, doc = value_columns(row.value)
-        pk.append(row.product_key)
-        dk.append(row.device_key)
-        pt.append(row.point)
+        sid.append(series_id)
         ts.append(row.time_ms)
         vn.append(num)
         vt.append(text)
@@ -160,7 +196,23 @@ def to_columns(rows: Sequence[Row]) -> tuple[list[object], ...]:
         vj.append(doc)
         q.append(row.quality)
         r.append(row.received_ms)
+        newest.append(False)
+        best = latest_index.get(series_id)
+        if best is None or row.time_ms > rows[best].time_ms:
+            latest_index[series_id] = index
+    for index in latest_index.values():
+        newest[index] = True
     return cols
+
+
+def series_keys(rows: Iterable[Row]) -> set[SeriesKey]:
+    """The distinct (product, device, point) keys of ``rows``."""
+    return {(row.product_key, row.device_key, row.point) for row in rows}
+
+
+def partition_buckets(rows: Iterable[Row], width_ms: int) -> set[int]:
+    """The partition buckets (time // width) the rows fall in."""
+    return {row.time_ms // width_ms for row in rows}
 
 
 class PointWriter:
@@ -178,6 +230,8 @@ class PointWriter:
         connections: int = DEFAULT_CONNECTIONS,
         max_queued_points: int = DEFAULT_MAX_QUEUED_POINTS,
         schema_ready: asyncio.Event | None = None,
+        policy: Policy | None = None,
+        maintenance: bool = True,
     ) -> None:
         if connections < 1 or batch_points < 1 or max_queued_points < 1:
             raise ValueError("connections, batch_points and max_queued_points must be at least 1")
@@ -187,6 +241,13 @@ class PointWriter:
         self._batch_points = batch_points
         self._max_queued = max_queued_points
         self._shards = [_Shard(i) for i in range(connections)]
+        self.policy = policy or Policy()
+        # (product, device, point) -> series id: ids never change once created, so the cache is never stale
+        self._series: dict[SeriesKey, int] = {}
+        # partition buckets known to exist (created here or found), so a batch checks the catalog only once
+        self._buckets: set[int] = set()
+        self._maintenance = maintenance
+        self._maintainer: asyncio.Task[None] | None = None
         self._queued_points = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -217,6 +278,8 @@ class PointWriter:
         """Start the writing tasks (each connects, and reconnects, by itself)."""
         for shard in self._shards:
             shard.task = asyncio.create_task(self._run(shard), name=f"pointgate-writer-{shard.index}")
+        if self._maintenance:
+            self._maintainer = asyncio.create_task(self._maintain(), name="pointgate-partitions")
 
     def submit(self, rows: Sequence[Row]) -> asyncio.Future[None]:
         """Queue ``rows``; the future resolves once they are all committed."""
@@ -243,6 +306,11 @@ class PointWriter:
 
     async def close(self) -> None:
         """Stop the tasks and connections. Jobs still queued stay unanswered (their devices re-send)."""
+        if self._maintainer is not None:
+            self._maintainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintainer
+            self._maintainer = None
         for shard in self._shards:
             if shard.task is not None:
                 shard.task.cancel()
@@ -319,13 +387,67 @@ class PointWriter:
 
     async def _write(self, shard: _Shard, batch: list[Part]) -> None:
         conn = await self._connection(shard)
-        rows = [row for part in batch for row in part.rows]
+        rows = last_writes([row for part in batch for row in part.rows])
         started = time.perf_counter()
+        await self._resolve_series(conn, rows)
+        await self._ensure_partitions(conn, rows)
         # one statement is its own transaction: committed when execute returns, and one round trip
-        await conn.execute(UPSERT, *to_columns(rows))
+        await conn.execute(UPSERT, *to_columns(rows, self._series))
         metrics.WRITE_SECONDS.observe(time.perf_counter() - started)
         metrics.WRITE_BATCH_POINTS.observe(len(rows))
         metrics.POINTS_WRITTEN.inc(len(rows))
+
+    async def _resolve_series(self, conn: asyncpg.Connection, rows: Sequence[Row]) -> None:
+        cache = self._series
+        missing = [key for key in series_keys(rows) if key not in cache]
+        if not missing:
+            return
+        for attempt in range(2):
+            columns = [list(part) for part in zip(*missing, strict=True)]
+            for record in await conn.fetch(SELECT_SERIES, *columns):
+                cache[(record["product_key"], record["device_key"], record["point"])] = record["id"]
+            missing = [key for key in missing if key not in cache]
+            if not missing:
+                return
+            if attempt == 0:
+                await conn.execute(INSERT_SERIES, *[list(part) for part in zip(*missing, strict=True)])
+        raise RuntimeError(f"series ids could not be created for {len(missing)} keys")
+
+    async def _ensure_partitions(self, conn: asyncpg.Connection, rows: Sequence[Row]) -> None:
+        width = self.policy.width_ms
+        wanted = partition_buckets(rows, width) - self._buckets
+        if not wanted:
+            return
+        first, last = managed_buckets(self.policy, int(time.time() * 1000))
+        # times outside the managed window go to the default partition: no partition per wrong clock
+        inside = {bucket for bucket in wanted if first <= bucket <= last}
+        if inside:
+            for created in await ensure_buckets(conn, inside, width):
+                log.info("partition created", partition=created.name)
+            self._buckets |= inside
+
+    async def _maintain(self) -> None:
+        """Create the partitions ahead and drop the expired ones, at start and every few minutes after."""
+        if self._schema_ready is not None:
+            await self._schema_ready.wait()
+        while True:
+            delay = MAINTENANCE_SECONDS
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=5)
+                try:
+                    created, dropped = await maintain(conn, self.policy, int(time.time() * 1000))
+                finally:
+                    await conn.close()
+                for partition in created:
+                    log.info("partition created", partition=partition.name)
+                for partition in dropped:
+                    log.info("partition dropped past retention", partition=partition.name)
+                    self._buckets.discard(partition.lo_ms // self.policy.width_ms if partition.lo_ms else -1)
+            except Exception as exc:
+                # the database away, or a lock not granted in time: the writer is unaffected; try again soon
+                log.warning("partition maintenance failed", error=str(exc) or type(exc).__name__)
+                delay = MAINTENANCE_RETRY_SECONDS
+            await asyncio.sleep(delay)
 
     async def _connection(self, shard: _Shard) -> asyncpg.Connection:
         if shard.conn is None or shard.conn.is_closed():

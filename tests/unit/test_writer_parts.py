@@ -14,6 +14,8 @@ from service.storage.writer import (
     _Job,
     is_transient,
     last_writes,
+    partition_buckets,
+    series_keys,
     shard_of,
     split_by_shard,
     take_batch,
@@ -50,19 +52,22 @@ def test_last_writes_keeps_the_later_row_per_key_in_order() -> None:
     assert [r.value for r in last_writes(rows)] == [3, 2, 4]
 
 
-def test_to_columns_builds_parallel_arrays() -> None:
-    """Ten arrays of equal length; quality and received time carried through; duplicates collapsed."""
-    rows = [row(value=1), row(value=2), row(point="s", value="x")._replace(quality=9)]
-    cols = to_columns(rows)
-    assert [len(c) for c in cols] == [2] * 10
-    assert cols[0] == ["prod", "prod"] and cols[3] == [1000, 1000]
-    assert (cols[2], cols[4], cols[5], cols[8], cols[9]) == (
-        ["p", "s"],
-        [2.0, None],
-        [None, "x"],
-        [None, 9],
-        [5000] * 2,
-    )
+def test_to_columns_builds_parallel_arrays_and_marks_each_series_newest() -> None:
+    """Nine arrays of equal length: series ids from the dictionary, values by type, and one newest row per series."""
+    rows = [row(t=5, value=1), row(t=9, value=2), row(t=7, value=3), row(point="s", value="x")._replace(quality=9)]
+    series = {("prod", "d1", "p"): 11, ("prod", "d1", "s"): 12}
+    sid, ts, vn, vt, vb, vj, q, r, newest = to_columns(rows, series)
+    assert sid == [11, 11, 11, 12] and ts == [5, 9, 7, 1000]
+    assert (vn, vt, vb, vj) == ([1.0, 2.0, 3.0, None], [None, None, None, "x"], [None] * 4, [None] * 4)
+    assert (q, r) == ([None, None, None, 9], [5000] * 4)
+    assert newest == [False, True, False, True], "the newest time per series, not the last submitted"
+
+
+def test_series_keys_and_partition_buckets() -> None:
+    """Distinct (product, device, point) keys; distinct time // width buckets."""
+    rows = [row(t=0), row(t=999), row(t=1000), row(dk="d2", t=2500)]
+    assert series_keys(rows) == {("prod", "d1", "p"), ("prod", "d2", "p")}
+    assert partition_buckets(rows, 1000) == {0, 1, 2}
 
 
 def test_shard_of_is_stable_and_spreads_devices() -> None:
