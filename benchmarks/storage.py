@@ -48,6 +48,7 @@ from tests.storage.legacy import old_migrations  # noqa: E402
 POINTS = 10
 PRODUCT = "bench01"
 HZ = os.sysconf("SC_CLK_TCK")
+DATABASES = ("bench_old", "bench_new", "bench_old_resume", "bench_new_resume", "hist_old", "hist_new")
 
 EXPLAIN_QUERIES = {
     "a device's points over a window (one day)": """
@@ -93,6 +94,18 @@ def live_rows(n: int, devices: int, start_ms: int) -> list[list[Row]]:
     return [rows]
 
 
+def resume_rows(n: int, devices: int, start_ms: int) -> list[Row]:
+    """Resume traffic: each device replays its backlog (10 points every 10 s), one device after another, so a
+    batch holds many times of few series and the latest value moves once per series and batch."""
+    rows: list[Row] = []
+    rounds = n // (devices * POINTS)
+    for d in range(devices):
+        for r in range(rounds):
+            ts = start_ms + r * 10_000
+            rows.extend(Row(PRODUCT, f"dev{d}", f"p{p}", ts, float(r + p), None, ts + 5) for p in range(POINTS))
+    return rows
+
+
 def batches(rows: list[Row], size: int) -> list[list[Row]]:
     return [rows[i : i + size] for i in range(0, len(rows), size)]
 
@@ -105,26 +118,26 @@ async def other_backends(conn: asyncpg.Connection) -> list[int]:
     return [r["pid"] for r in records]
 
 
-async def ingest_old(dsn: str, rows: list[Row], batch: int, warm: int, scratch: Path) -> dict[str, float]:
+async def ingest_old(dsn: str, rows: list[Row], batch: int, warm: list[Row], scratch: Path) -> dict[str, float]:
     conn = await asyncpg.connect(dsn)
     try:
         await apply_migrations(conn, old_migrations(scratch / "old-migrations"))
         pid = conn.get_server_pid()
-        for chunk in batches(rows[:warm], batch):  # the first round, outside the clock as for the new layout
+        for chunk in batches(warm, batch):  # the same warm-up as the new layout's, outside the clock
             await conn.execute(OLD_UPSERT, *old_columns(chunk))
         started, cpu0 = time.perf_counter(), cpu_seconds([pid])
-        for chunk in batches(rows[warm:], batch):
+        for chunk in batches(rows, batch):
             await conn.execute(OLD_UPSERT, *old_columns(chunk))  # one statement = one transaction, as the writer
         wall, cpu = time.perf_counter() - started, cpu_seconds([pid]) - cpu0
         await conn.execute("VACUUM ANALYZE point_data")
         size = await conn.fetchval("SELECT pg_total_relation_size('point_data')")
     finally:
         await conn.close()
-    n = len(rows) - warm
-    return {"cpu_us_per_point": cpu / n * 1e6, "points_per_s": n / wall, "bytes_per_point": size / len(rows)}
+    n = len(rows)
+    return {"cpu_us_per_point": cpu / n * 1e6, "points_per_s": n / wall, "bytes_per_point": size / (n + len(warm))}
 
 
-async def ingest_new(dsn: str, rows: list[Row], batch: int, warm: int) -> dict[str, float]:
+async def ingest_new(dsn: str, rows: list[Row], batch: int, warm: list[Row]) -> dict[str, float]:
     conn = await asyncpg.connect(dsn)
     try:
         await apply_migrations(conn, migrations_dir())
@@ -132,10 +145,10 @@ async def ingest_new(dsn: str, rows: list[Row], batch: int, warm: int) -> dict[s
         writer.start()
         # the series dictionary and partitions are created on first sight: warm them up outside the clock,
         # as a running service would have them (each is once per series / per day, not per point)
-        await asyncio.gather(*(writer.submit(chunk) for chunk in batches(rows[:warm], batch)))
+        await asyncio.gather(*(writer.submit(chunk) for chunk in batches(warm, batch)))
         pids = await other_backends(conn)
         started, cpu0 = time.perf_counter(), cpu_seconds(pids)
-        futures = [writer.submit(chunk) for chunk in batches(rows[warm:], batch)]
+        futures = [writer.submit(chunk) for chunk in batches(rows, batch)]
         await asyncio.gather(*futures)
         wall, cpu = time.perf_counter() - started, cpu_seconds(pids) - cpu0
         await writer.close()
@@ -147,11 +160,11 @@ async def ingest_new(dsn: str, rows: list[Row], batch: int, warm: int) -> dict[s
         series = await conn.fetchval("SELECT pg_total_relation_size('series')")
     finally:
         await conn.close()
-    n = len(rows) - warm
+    n = len(rows)
     return {
         "cpu_us_per_point": cpu / n * 1e6,
         "points_per_s": n / wall,
-        "bytes_per_point": size / len(rows),
+        "bytes_per_point": size / (n + len(warm)),
         "latest_bytes": latest,
         "series_bytes": series,
     }
@@ -268,7 +281,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         admin = await asyncpg.connect(admin_dsn)
         result["server"] = await admin.fetchval("SHOW server_version")
-        for name in ("bench_old", "bench_new", "hist_old", "hist_new"):
+        for name in DATABASES:
             await admin.execute(f"DROP DATABASE IF EXISTS {name}")
             await admin.execute(f"CREATE DATABASE {name}")
 
@@ -276,14 +289,20 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             return urlunsplit(urlsplit(admin_dsn)._replace(path=f"/{name}"))
 
         start_ms = int(time.time() * 1000) - 2 * MS_PER_DAY
-        rows = live_rows(args.points, args.devices, start_ms)[0]
-        print(
-            f"ingest: {len(rows):,} points, {args.devices} devices × {POINTS} points, batches of {args.batch}",
-            file=sys.stderr,
-        )
-        warm = args.devices * POINTS  # the first round: creates the series (new layout), outside the clock
-        result["ingest_old"] = await ingest_old(dsn("bench_old"), rows, args.batch, warm, scratch)
-        result["ingest_new"] = await ingest_new(dsn("bench_new"), rows, args.batch, warm)
+        # one round before the clock starts: the new layout creates its series ids and partitions once
+        warm = live_rows(args.devices * POINTS, args.devices, start_ms - 10_000)[0]
+        workloads = {"live": live_rows(args.points, args.devices, start_ms)[0]}
+        if args.resume:
+            workloads["resume"] = resume_rows(args.points, args.devices, start_ms)
+        for mode, rows in workloads.items():
+            print(
+                f"ingest ({mode}): {len(rows):,} points, {args.devices} devices × {POINTS} points,"
+                f" batches of {args.batch}",
+                file=sys.stderr,
+            )
+            suffix = "" if mode == "live" else f"_{mode}"
+            result[f"ingest_old{suffix}"] = await ingest_old(dsn(f"bench_old{suffix}"), rows, args.batch, warm, scratch)
+            result[f"ingest_new{suffix}"] = await ingest_new(dsn(f"bench_new{suffix}"), rows, args.batch, warm)
 
         hours = args.history_rows // (args.history_devices * POINTS)
         end_ms = int(time.time() * 1000) // MS_PER_HOUR * MS_PER_HOUR
@@ -313,7 +332,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 result[f"history_{layout}"] = entry
             finally:
                 await conn.close()
-        for name in ("bench_old", "bench_new", "hist_old", "hist_new"):
+        for name in DATABASES:
             await admin.execute(f"DROP DATABASE IF EXISTS {name}")
         await admin.close()
     finally:
@@ -337,6 +356,18 @@ def report(result: dict[str, Any]) -> None:
             fmt(old["cpu_us_per_point"], ".2f"),
             fmt(new["cpu_us_per_point"], ".2f"),
             "≤ 5",
+        ),
+        *(
+            [
+                (
+                    "  same, resume traffic (50 times per series per batch)",
+                    fmt(result["ingest_old_resume"]["cpu_us_per_point"], ".2f"),
+                    fmt(result["ingest_new_resume"]["cpu_us_per_point"], ".2f"),
+                    "≤ 5",
+                )
+            ]
+            if "ingest_new_resume" in result
+            else []
         ),
         (
             "ingest points/s (one connection, wall)",
@@ -387,6 +418,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--points", type=int, default=500_000, help="points written per layout in the ingest test")
     parser.add_argument("--devices", type=int, default=1000, help="devices in the ingest test (10 points each)")
+    parser.add_argument("--resume", action="store_true", help="also ingest resume traffic (a backlog per device)")
     parser.add_argument("--batch", type=int, default=5000, help="points per write statement")
     parser.add_argument("--history-rows", type=int, default=20_000_000, help="rows in the history table")
     parser.add_argument("--history-devices", type=int, default=228, help="devices in the history table")
