@@ -27,7 +27,7 @@ from service.settings import Settings
 PARENT = "points"
 DEFAULT_PARTITION = "points_default"
 _LOCK_KEY = int.from_bytes(hashlib.sha256(b"pointgate.partitions").digest()[:8], "big", signed=True)
-_LOCK_TIMEOUT = "2s"
+_LOCK_TIMEOUT = "1s"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MS_PER_HOUR = 3_600_000
 MS_PER_DAY = 24 * MS_PER_HOUR

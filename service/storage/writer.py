@@ -86,6 +86,7 @@ DEFAULT_CONNECTIONS = 2
 DEFAULT_MAX_QUEUED_POINTS = 200_000
 MAINTENANCE_SECONDS = 600.0
 MAINTENANCE_RETRY_SECONDS = 30.0
+PARTITION_RETRY_SECONDS = 60.0
 
 
 @dataclass(slots=True, eq=False)
@@ -246,6 +247,7 @@ class PointWriter:
         self._series: dict[SeriesKey, int] = {}
         # partition buckets known to exist (created here or found), so a batch checks the catalog only once
         self._buckets: set[int] = set()
+        self._partition_retry_at = 0.0
         self._maintenance = maintenance
         self._maintainer: asyncio.Task[None] | None = None
         self._queued_points = 0
@@ -416,15 +418,26 @@ class PointWriter:
     async def _ensure_partitions(self, conn: asyncpg.Connection, rows: Sequence[Row]) -> None:
         width = self.policy.width_ms
         wanted = partition_buckets(rows, width) - self._buckets
-        if not wanted:
+        if not wanted or time.monotonic() < self._partition_retry_at:
             return
         first, last = managed_buckets(self.policy, int(time.time() * 1000))
         # times outside the managed window go to the default partition: no partition per wrong clock
         inside = {bucket for bucket in wanted if first <= bucket <= last}
-        if inside:
-            for created in await ensure_buckets(conn, inside, width):
-                log.info("partition created", partition=created.name)
-            self._buckets |= inside
+        if not inside:
+            return
+        try:
+            created = await ensure_buckets(conn, inside, width)
+        except asyncpg.PostgresError as exc:
+            if is_transient(exc):
+                raise
+            # e.g. the lock not granted in time (a long query holds the table): the rows are stored in the
+            # default partition meanwhile, and the partition (taking them over) is created on a later try
+            log.warning("partition not created yet, points go to the default partition", error=str(exc))
+            self._partition_retry_at = time.monotonic() + PARTITION_RETRY_SECONDS
+            return
+        for partition in created:
+            log.info("partition created", partition=partition.name)
+        self._buckets |= inside
 
     async def _maintain(self) -> None:
         """Create the partitions ahead and drop the expired ones, at start and every few minutes after."""

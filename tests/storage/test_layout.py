@@ -245,3 +245,22 @@ async def test_analytics_role_reads_views_and_writes_nothing(migrated_dsn: str) 
                 await conn.execute(statement)
     finally:
         await conn.close()
+
+
+async def test_a_query_holding_the_table_does_not_fail_writes(migrated_dsn: str) -> None:
+    """A long transaction holding ``points`` delays partition creation, never the data: the points wait in the
+    default partition (the message is answered), and the partition created later takes them over."""
+    day = TODAY - 5 * MS_PER_DAY
+    reader = await asyncpg.connect(migrated_dsn)
+    try:
+        tx = reader.transaction()
+        await tx.start()
+        await reader.fetch("SELECT count(*) FROM measurepoints")  # holds AccessShareLock on points until commit
+        await write_new(migrated_dsn, [[r("d1", "temp", day + 1, 4.5)]])
+        assert await reader.fetchval("SELECT count(*) FROM points_default") == 1, "stored meanwhile"
+        await tx.rollback()
+        await ensure_buckets(reader, [day // MS_PER_DAY], MS_PER_DAY)
+        assert await reader.fetchval("SELECT count(*) FROM points_default") == 0
+        assert await reader.fetchval("SELECT value_num FROM measurepoints WHERE device_key = 'd1'") == 4.5
+    finally:
+        await reader.close()
