@@ -2,7 +2,7 @@
 
 Measures messages per second end to end (a device's request answered 200 after its commit) for one and for
 two consumers sharing the request topics behind Debian's mosquitto, and checks that nothing was lost: every
-request answered 200 and all its points in ``point_data``. Reuses the ingest benchmark's load generator
+request answered 200 and all its points in ``measurepoints``. Reuses the ingest benchmark's load generator
 (raw asyncio MQTT devices in their own processes, closed loop, ``--window`` requests in flight per device)
 and its durable embedded PostgreSQL.
 

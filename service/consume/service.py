@@ -33,6 +33,7 @@ from service.resources import migrations_dir
 from service.settings import Settings, parse_bind, parse_broker_url
 from service.storage.database import database_dsn
 from service.storage.migrate import apply_migrations, pending_migrations
+from service.storage.partitions import policy_from_settings
 from service.storage.writer import PointWriter
 
 from .consumer import Consumer
@@ -94,7 +95,11 @@ class ConsumeService:
         self.dsn = dsn = await self._stack.enter_async_context(database_dsn(settings))
         self._pool = pool = await asyncpg.create_pool(dsn, min_size=0, max_size=2, timeout=5)
         self.writer = writer = PointWriter(
-            dsn, batch_points=settings.write_batch_points, schema_ready=self._schema_ready
+            dsn,
+            batch_points=settings.write_batch_points,
+            connections=settings.write_connections,
+            schema_ready=self._schema_ready,
+            policy=policy_from_settings(settings),
         )
         self.link = link = BrokerLink(options, lambda delivery: consumer.on_delivery(delivery))
         self.consumer = consumer = Consumer(

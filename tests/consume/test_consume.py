@@ -119,7 +119,7 @@ def test_message_the_database_refuses_is_answered_500_once(
     broker: Mosquitto, start_consumer: Callable[..., RunningConsumer], migrated_dsn: str
 ) -> None:
     """Data that passes the model but PostgreSQL refuses (here a CHECK constraint) gets one 500 and its PUBACK."""
-    fetch(migrated_dsn, "ALTER TABLE point_data ADD CONSTRAINT refuse_666 CHECK (value_num IS DISTINCT FROM 666)")
+    fetch(migrated_dsn, "ALTER TABLE points ADD CONSTRAINT refuse_666 CHECK (value_num IS DISTINCT FROM 666)")
     consumer = start_consumer(broker.url, consume_max_in_flight=1)
     dev = Device(broker.port, "dev1")
     assert dev.connect() == 0
