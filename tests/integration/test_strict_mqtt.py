@@ -45,7 +45,7 @@ def limit_hits(limit: str) -> float:
 
 
 def stored_rows(dsn: str, device_key: str) -> int:
-    return int(fetch(dsn, "SELECT count(*) FROM point_data WHERE device_key = $1", device_key)[0][0])
+    return int(fetch(dsn, "SELECT count(*) FROM measurepoints WHERE device_key = $1", device_key)[0][0])
 
 
 def sign_in(service: RunningService, dk: str) -> Login:
