@@ -12,7 +12,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from service.errors import ModelError
-from service.model.schema import DATA_TYPES, fast_test
+from service.model.compiler import DATA_TYPES, fast_test
 from service.model.thingmodel import CheckedPoint, PointIssue, ThingModel, check_paths, load_model, load_models
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"

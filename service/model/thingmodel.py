@@ -1,7 +1,7 @@
 """Thing models: load each product's model from ``schemas/`` and check measure points against it.
 
 A model file is JSON shaped like EnOS's model definition (design.md, "Thing models"). Each measure
-point compiles once, at load, to a JSON Schema (``service.model.schema``) and to a plain-Python
+point compiles once, at load, to a JSON Schema (``service.model.compiler``) and to a plain-Python
 test derived from that schema; a good point costs one call of the test, and only a point the test
 refuses goes to jsonschema, which has the last word and words the reason. A malformed model is a
 ``ModelError`` naming the file and what is wrong with it.
@@ -19,7 +19,7 @@ from typing import Any, cast
 from jsonschema.protocols import Validator
 
 from service.errors import ModelError
-from service.model.schema import (
+from service.model.compiler import (
     IGNORED_KEYS,
     PointValidator,
     compile_point,
