@@ -1,240 +1,35 @@
-"""Compile one thing-model measure point to a JSON Schema, and say in words why a value failed it.
+"""Compile one thing-model measure point to a JSON Schema (Draft 2020-12 plus ``service.model.keywords``).
 
-JSON Schema cannot express a few of our rules, so the validator class adds keywords for them:
-``noNul`` and ``wellFormedUnicode`` (PostgreSQL refuses U+0000 and lone surrogates, which
-``json.loads`` lets through), ``maxBytes`` (STRING limits count UTF-8 bytes, not characters),
-``finite`` and ``calendarDate`` (DATE). ``integer`` is redefined so that ``1.0`` is not an INT.
-Values of points a model does not define get no schema, only ``tree_problem``'s storability walk.
-
-jsonschema costs tens of microseconds a point, so ``fast_test`` derives a plain-Python test from
-each compiled schema for the common case, a valid point; ``explain`` asks jsonschema why a value
-failed, in words a device operator can act on.
+Model rules are checked here, at load: a malformed definition is a ``ModelError`` naming the point and
+what is wrong with it. The compiled schema carries ``x-dataType``/``x-range`` notes for
+``service.model.wording``, and ``service.model.fasttest`` derives the fast check from it.
 """
 
 from __future__ import annotations
 
-import datetime
-import math
 import re
-import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Final, cast
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
 
-from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema.exceptions import SchemaError
-from jsonschema.protocols import Validator
 
 from service.errors import ModelError
-from service.protocol.replies import json_type, quote, show
+from service.model.keywords import PointValidator, is_strict_int
+from service.model.storable import DOUBLE_MAX, name_problem
+from service.protocol.replies import quote
 
 INT32_MIN: Final = -(2**31)
 INT32_MAX: Final = 2**31 - 1
 FLOAT_MAX: Final = 3.4028234663852886e38
-DOUBLE_MAX: Final = sys.float_info.max
 TIMESTAMP_MAX: Final = 253402300799999  # 9999-12-31 23:59:59.999 UTC
 QUALITY_MAX: Final = 32767  # the quality column is a smallint
 MAX_STRING_BYTES: Final = 1024
 MAX_ARRAY_ITEMS: Final = 128
-MAX_NESTING: Final = 64  # arrays/objects inside a point value outside the model (orjson stops at 255)
 DATA_TYPES: Final = ("ARRAY", "BOOL", "DATE", "DOUBLE", "ENUM", "FILE", "FLOAT", "INT", "STRING", "STRUCT", "TIMESTAMP")
 ITEM_TYPES: Final = ("INT", "FLOAT", "DOUBLE", "STRING")
 # Descriptive keys EnOS model exports carry; accepted and ignored. Anything else is refused, so a
 # typo such as "hasQualty" cannot silently switch a rule off.
 IGNORED_KEYS: Final = frozenset({"name", "desc", "description", "tags", "signalType", "unit", "$comment"})
-QUALITY_SHAPE: Final = 'expected {"value", "quality"} object (hasQuality)'
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_DATE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})(?: ([0-9]{2}):([0-9]{2}):([0-9]{2}))?")
-
-
-def nul_problem(text: str) -> str | None:
-    """``"string contains U+0000 (NUL)"`` when ``text`` has one, else None."""
-    return "string contains U+0000 (NUL)" if "\x00" in text else None
-
-
-def surrogate_problem(text: str) -> str | None:
-    """Names the first lone surrogate in ``text`` (PostgreSQL cannot store it), else None."""
-    if text.isascii() or (found := _SURROGATE.search(text)) is None:
-        return None
-    return f"string contains a lone surrogate U+{ord(found.group()):04X}"
-
-
-def text_problem(text: str) -> str | None:
-    """Why PostgreSQL would refuse ``text`` (a NUL or a lone surrogate), or None."""
-    return nul_problem(text) or surrogate_problem(text)
-
-
-def _no_nul(_v: Any, enabled: Any, instance: Any, _s: Any) -> Iterator[ValidationError]:
-    if enabled and isinstance(instance, str) and (problem := nul_problem(instance)):
-        yield ValidationError(problem)
-
-
-def _well_formed(_v: Any, enabled: Any, instance: Any, _s: Any) -> Iterator[ValidationError]:
-    if enabled and isinstance(instance, str) and (problem := surrogate_problem(instance)):
-        yield ValidationError(problem)
-
-
-def _max_bytes(_v: Any, limit: Any, instance: Any, _s: Any) -> Iterator[ValidationError]:
-    # Each character is at most 4 bytes, so short strings need no encoding at all.
-    if isinstance(instance, str) and len(instance) * 4 > limit:
-        size = len(instance) if instance.isascii() else len(instance.encode("utf-8", "surrogatepass"))
-        if size > limit:
-            yield ValidationError(f"string is {size} bytes, at most {limit}")
-
-
-def _finite(_v: Any, enabled: Any, instance: Any, _s: Any) -> Iterator[ValidationError]:
-    if enabled and isinstance(instance, float) and not math.isfinite(instance):
-        yield ValidationError(f"value {instance} is not a finite number")
-
-
-def is_date(text: str) -> bool:
-    """True for ``YYYY-MM-DD`` or ``YYYY-MM-DD HH:MM:SS`` naming a real calendar date and time."""
-    match = _DATE.fullmatch(text)
-    if match is None:
-        return False
-    year, month, day, hour, minute, second = (int(part) for part in match.groups("0"))
-    try:
-        datetime.date(year, month, day)
-        datetime.time(hour, minute, second)
-    except ValueError:
-        return False
-    return True
-
-
-def _calendar_date(_v: Any, enabled: Any, instance: Any, _s: Any) -> Iterator[ValidationError]:
-    if enabled and isinstance(instance, str) and not is_date(instance):
-        yield ValidationError(
-            f'{quote(instance[:40])} is not a DATE ("YYYY-MM-DD" or "YYYY-MM-DD HH:MM:SS", a real calendar date)'
-        )
-
-
-def tree_problem(value: object) -> str | None:
-    """Why a JSON value of a point outside the model cannot be stored (bad text, number beyond double, nested
-    deeper than `MAX_NESTING`), or None."""
-    # Iterative, and the path to each node is a parent-linked trail spelt out only on failure: a value
-    # can nest deeper than the Python stack, and building every path string would cost quadratic time.
-    stack: list[tuple[object, tuple[Any, ...], int]] = [(value, (), 0)]
-    while stack:
-        item, trail, depth = stack.pop()
-        problem = None
-        if isinstance(item, str):
-            problem = text_problem(item)
-        elif isinstance(item, float | int) and not isinstance(item, bool):
-            # Also false for NaN; and math.isfinite would overflow on a huge int.
-            if not -DOUBLE_MAX <= item <= DOUBLE_MAX:
-                problem = f"number {show(item)} does not fit a double"
-        elif isinstance(item, list | dict) and depth >= MAX_NESTING:
-            # the JSON encoder that stores values refuses deep nesting: refuse it here (where is beside the point)
-            return f"value nested deeper than {MAX_NESTING} levels"
-        elif isinstance(item, list):
-            stack.extend((item[index], (trail, index), depth + 1) for index in range(len(item) - 1, -1, -1))
-        elif isinstance(item, dict):
-            for key, member in item.items():
-                if (problem := text_problem(key)) is not None:
-                    problem = f"key {problem.removeprefix('string ')}"
-                    break
-                stack.append((member, (trail, key), depth + 1))
-        if problem is not None:
-            return _spell(trail) + problem
-    return None
-
-
-def _spell(trail: tuple[Any, ...]) -> str:
-    parts: list[str] = []
-    while trail:
-        trail, step = trail
-        parts.append(f"item [{step}]: " if isinstance(step, int) else f"member {quote(step)}: ")
-    return "".join(reversed(parts))
-
-
-def _is_strict_int(_checker: object, instance: object) -> bool:
-    # Draft 2020-12 calls 1.0 an integer; a device that sends 1.0 for an INT sent a float.
-    return isinstance(instance, int) and not isinstance(instance, bool)
-
-
-_extend: Callable[..., type[Validator]] = validators.extend
-PointValidator: Final = _extend(
-    Draft202012Validator,
-    {
-        "noNul": _no_nul,
-        "wellFormedUnicode": _well_formed,
-        "maxBytes": _max_bytes,
-        "finite": _finite,
-        "calendarDate": _calendar_date,
-    },
-    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_strict_int),
-)
-"""Draft 2020-12 plus our keywords; every point schema is checked with this class."""
-
-
-_Test = Callable[[Any], bool]
-
-
-def _all(tests: Sequence[_Test]) -> _Test:
-    def passes(value: Any) -> bool:
-        for test in tests:  # noqa: SIM110 - a plain loop is faster than all() over a generator here
-            if not test(value):
-                return False
-        return True
-
-    return tests[0] if len(tests) == 1 else passes
-
-
-def _each(test: _Test) -> _Test:
-    return lambda values: all(map(test, values))
-
-
-def _members(tests: Mapping[str, _Test]) -> _Test:
-    return lambda value: all(test(value[name]) for name, test in tests.items() if name in value)
-
-
-_EXACT_TYPES: Final[Mapping[str, _Test]] = {
-    "integer": lambda value: type(value) is int,
-    "number": lambda value: type(value) is float or type(value) is int,
-    "string": lambda value: type(value) is str,
-    "boolean": lambda value: value is True or value is False,
-    "array": lambda value: type(value) is list,
-    "object": lambda value: type(value) is dict,
-}
-# Each builder may assume the value already has the schema's "type": that test always runs first.
-_KEYWORD_TESTS: Final[Mapping[str, Callable[[Any], _Test]]] = {
-    "minimum": lambda low: lambda value: value >= low,
-    "maximum": lambda high: lambda value: value <= high,
-    "finite": lambda _: lambda value: type(value) is int or math.isfinite(value),
-    "enum": lambda values: frozenset(values).__contains__,
-    "maxItems": lambda most: lambda value: len(value) <= most,
-    "items": lambda schema: _each(fast_test(schema)),
-    "properties": lambda schemas: _members({name: fast_test(sub) for name, sub in schemas.items()}),
-    "required": lambda names: lambda value: all(name in value for name in names),
-    "noNul": lambda _: lambda value: "\x00" not in value,
-    "wellFormedUnicode": lambda _: lambda value: surrogate_problem(value) is None,
-    "maxBytes": lambda most: (
-        lambda value: len(value) * 4 <= most or len(value.encode("utf-8", "surrogatepass")) <= most
-    ),
-    "calendarDate": lambda _: is_date,
-}
-
-
-def fast_test(schema: Mapping[str, Any]) -> _Test:
-    """A plain-Python ``is_valid`` for the schemas this module compiles, several times faster than jsonschema.
-
-    It may refuse more than jsonschema (it wants the exact types a JSON parser makes), never less:
-    callers ask ``PointValidator`` before refusing anything. A keyword it does not know is a
-    ValueError, so it can never silently skip a rule.
-    """
-    if "type" not in schema:
-        raise ValueError("fast_test needs a schema with a type")
-    tests = [_EXACT_TYPES[schema["type"]]]
-    for keyword, argument in schema.items():
-        if keyword in ("type", "$schema") or keyword.startswith("x-"):
-            continue
-        if keyword == "additionalProperties" and argument is False:
-            tests.append(frozenset(schema.get("properties", ())).issuperset)
-            continue
-        if keyword not in _KEYWORD_TESTS:
-            raise ValueError(f"fast_test cannot apply {keyword!r}: {argument!r}")
-        tests.append(_KEYWORD_TESTS[keyword](argument))
-    return _all(tests)
 
 
 def _text(data_type: str, **extra: Any) -> dict[str, Any]:
@@ -256,14 +51,6 @@ def _keys(where: str, mapping: Mapping[str, Any], allowed: Sequence[str]) -> Non
     unknown = sorted(set(mapping) - set(allowed) - IGNORED_KEYS)
     if unknown:
         raise ValueError(f"{where}: unknown key {quote(unknown[0])} (allowed: {', '.join(allowed)})")
-
-
-def name_problem(name: object, what: str = "identifier") -> str | None:
-    """Why ``name`` cannot name a point, member or enum value (not a non-empty, storable string), or None."""
-    if not isinstance(name, str) or not name:
-        return f"{what} must be a non-empty string"
-    problem = text_problem(name)
-    return f"{what} {problem.removeprefix('string ')}" if problem else None
 
 
 def _name(where: str, name: object, what: str = "identifier") -> str:
@@ -361,7 +148,7 @@ def value_schema(where: str, point: Mapping[str, Any], *, members: bool = True) 
         return _enum(where, definition)
     if data_type == "STRING":
         limit = definition.get("maxLength", MAX_STRING_BYTES)
-        if not _is_strict_int(None, limit) or not 1 <= limit <= MAX_STRING_BYTES:
+        if not is_strict_int(None, limit) or not 1 <= limit <= MAX_STRING_BYTES:
             raise ValueError(f"{where}: maxLength must be an integer from 1 to {MAX_STRING_BYTES} (bytes)")
         return _text("STRING", maxBytes=limit)
     if data_type == "TIMESTAMP":
@@ -424,43 +211,3 @@ def compile_point(path: str, identifier: str, point: object) -> tuple[str, bool,
         raise ModelError(path, str(exc)) from None
     except SchemaError as exc:  # a rule above let through what the metaschema refuses: our bug, still refused
         raise ModelError(path, f"{where}: compiles to an invalid JSON Schema: {exc.message}") from None
-
-
-def explain(validator: Validator, has_quality: bool, value: object) -> str | None:
-    """Why ``value`` fails ``validator``, in words for the device; None if jsonschema accepts it after all."""
-    # The error nearest the root is the most telling: a wrong shape explains everything beneath it.
-    errors = validator.iter_errors(cast(Any, value))
-    error = min(errors, key=lambda found: len(found.absolute_path), default=None)
-    if error is None:
-        return None
-    where = ""
-    path = list(error.absolute_path)
-    if has_quality and path:
-        where, path = ("quality: ", []) if path[0] == "quality" else ("", path[1:])
-    where += "".join(f"item [{part}]: " if isinstance(part, int) else f"member {quote(part)}: " for part in path)
-    return where + _describe(error)
-
-
-def _describe(error: ValidationError) -> str:
-    schema = cast("dict[str, Any]", error.schema)  # ours, compiled above: always an object schema
-    instance: Any = error.instance
-    expected: Any = error.validator_value
-    wrapper = schema.get("x-wrapper") == "quality"
-    if error.validator == "type":
-        wanted = QUALITY_SHAPE if wrapper else f"expected {schema['x-dataType']}"
-        return f"{wanted}, got {json_type(instance)}"
-    if error.validator in ("minimum", "maximum"):
-        return f"value {show(instance)} out of {schema['x-dataType']} range ({schema['x-range']})"
-    if error.validator == "maxItems":
-        return f"array has {len(instance)} items, at most {expected}"
-    if error.validator == "enum":
-        values = [show(value) for value in expected]
-        more = f", … ({len(values)} values in all)" if len(values) > 10 else ""
-        return f"not one of {', '.join(values[:10])}{more}"
-    if error.validator == "required":
-        missing = quote(next(name for name in expected if name not in instance))
-        return f"{QUALITY_SHAPE}, missing {missing}" if wrapper else f"missing required member {missing}"
-    if error.validator == "additionalProperties":
-        extra = quote(next(name for name in instance if name not in schema["properties"]))
-        return f"{QUALITY_SHAPE}, unexpected key {extra}" if wrapper else f"unknown member {extra}"
-    return error.message  # our own keywords already speak plainly

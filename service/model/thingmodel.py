@@ -19,15 +19,11 @@ from typing import Any, cast
 from jsonschema.protocols import Validator
 
 from service.errors import ModelError
-from service.model.compiler import (
-    IGNORED_KEYS,
-    PointValidator,
-    compile_point,
-    explain,
-    fast_test,
-    name_problem,
-    tree_problem,
-)
+from service.model.compiler import IGNORED_KEYS, compile_point
+from service.model.fasttest import fast_test
+from service.model.keywords import PointValidator
+from service.model.storable import name_problem, tree_problem
+from service.model.wording import explain
 from service.protocol.replies import quote
 
 _MODEL_KEYS = ("productKey", "validate", "measurepoints", "$schema")
@@ -141,8 +137,11 @@ def _read(path: Path) -> object:
 
 def load_model(path: Path) -> ThingModel:
     """Read and compile one model file; raises ModelError naming the file and the reason."""
-    where = str(path)
-    document = _read(path)
+    return compile_model(_read(path), str(path))
+
+
+def compile_model(document: object, where: str = "<model>") -> ThingModel:
+    """Compile a parsed model document (no I/O); raises ModelError naming ``where`` and the reason."""
     if not isinstance(document, dict):
         raise ModelError(where, "a thing model must be a JSON object")
     unknown = sorted(set(document) - set(_MODEL_KEYS) - IGNORED_KEYS)

@@ -12,10 +12,19 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from service.errors import ModelError
-from service.model.compiler import DATA_TYPES, fast_test
-from service.model.thingmodel import CheckedPoint, PointIssue, ThingModel, check_paths, load_model, load_models
+from service.model.compiler import DATA_TYPES
+from service.model.fasttest import fast_test
+from service.model.thingmodel import (
+    CheckedPoint,
+    PointIssue,
+    ThingModel,
+    check_paths,
+    compile_model,
+    load_model,
+    load_models,
+)
 
-SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
+SCHEMAS = Path(__file__).resolve().parents[3] / "schemas"
 
 INT: dict[str, Any] = {"dataType": "INT"}
 FLOAT: dict[str, Any] = {"dataType": "FLOAT"}
@@ -666,3 +675,12 @@ def test_fast_test_refuses_a_keyword_it_cannot_apply() -> None:
     """A schema keyword the fast path does not implement is an error, never a rule silently skipped."""
     with pytest.raises(ValueError, match="'pattern'"):
         fast_test({"type": "string", "pattern": "^a"})
+
+
+def test_compile_model_needs_no_file() -> None:
+    """compile_model turns a parsed document into a model without touching the disk, naming ``where`` on errors."""
+    model = compile_model({"productKey": "mem", "measurepoints": {"a": INT}}, "inline")
+    assert (model.product_key, model.path) == ("mem", "inline")
+    assert model.check({"a": 1})[1] == []
+    with pytest.raises(ModelError, match=r"^inline: measurepoints must be an object"):
+        compile_model({"productKey": "mem"}, "inline")
