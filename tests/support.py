@@ -118,7 +118,7 @@ class Device:
 
     def _on_message(self, client: Any, userdata: Any, message: mqtt.MQTTMessage) -> None:
         with self._cond:
-            self.messages.append((message.topic, message.payload, message.qos))
+            self.messages.append((message.topic, bytes(message.payload), message.qos))
             self._cond.notify_all()
 
     def connect(self, timeout: float = 5) -> int:

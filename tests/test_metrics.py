@@ -61,10 +61,10 @@ def test_build_info_is_one_with_the_package_version() -> None:
 
 def test_known_reasons_start_at_zero() -> None:
     """Every auth-failure, write-error and ACL-denial label is exported before its first event, so rate() works."""
-    for reason in metrics.AUTH_FAILURE_REASONS:
-        assert metrics.REGISTRY.get_sample_value("pointgate_auth_failures_total", {"reason": reason}) is not None
-    for reason in metrics.WRITE_ERROR_REASONS:
-        assert metrics.REGISTRY.get_sample_value("pointgate_write_errors_total", {"reason": reason}) is not None
+    for auth_reason in metrics.AUTH_FAILURE_REASONS:
+        assert metrics.REGISTRY.get_sample_value("pointgate_auth_failures_total", {"reason": auth_reason}) is not None
+    for write_reason in metrics.WRITE_ERROR_REASONS:
+        assert metrics.REGISTRY.get_sample_value("pointgate_write_errors_total", {"reason": write_reason}) is not None
     for action in metrics.ACL_ACTIONS:
         assert metrics.REGISTRY.get_sample_value("pointgate_acl_denials_total", {"action": action}) is not None
     for limit in metrics.LIMIT_NAMES:

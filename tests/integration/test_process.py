@@ -12,12 +12,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.resources import schemas_dir
 from tests.support import fetch, resume_topic
@@ -66,6 +67,32 @@ class Pointgate:
         except OSError:
             return 0
 
+    def body(self, path: str) -> str:
+        """The body of ``path`` whatever its status ("" when nothing answers)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=2) as response:
+                return str(response.read().decode())
+        except urllib.error.HTTPError as exc:
+            return str(exc.read().decode())
+        except OSError:
+            return ""
+
+    def metric(self, name: str) -> float:
+        """The value of the unlabelled sample ``name`` on /metrics (0 before it exists)."""
+        for family in text_string_to_metric_families(self.body("/metrics")):
+            for sample in family.samples:
+                if sample.name == name and not sample.labels:
+                    return float(sample.value)
+        return 0.0
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+        """Poll ``condition`` until it holds; fail naming ``what`` (with the log) if it never does."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"never {what}; log:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+
     def wait_until(self, path: str, code: int, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -105,12 +132,17 @@ class Publisher:
         self.acked_mids: set[int] = set()
         self.replied_200: set[int] = set()
         self.lock = threading.Lock()
+        self.subscribed = threading.Event()
+        self.disconnected = threading.Event()
         self.client.on_publish = self._on_publish
         self.client.on_message = self._on_message
+        self.client.on_subscribe = lambda *args: self.subscribed.set()
+        self.client.on_disconnect = lambda *args: self.disconnected.set()
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         self.client.subscribe(TOPIC + "_reply", 1)
-        time.sleep(0.3)
+        # the SUBACK: replies published from now on reach us
+        assert self.subscribed.wait(10), "no SUBACK for the reply topic"
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, *args: Any) -> None:
         with self.lock:
@@ -160,7 +192,8 @@ def test_kill_9_loses_nothing_acknowledged(pointgate: Pointgate, migrated_dsn: s
         time.sleep(0.01)
     pointgate.proc.send_signal(signal.SIGKILL)
     pointgate.proc.wait(10)
-    time.sleep(0.5)
+    # paho sees the connection close only after handling every PUBACK and reply the server sent before dying
+    assert publisher.disconnected.wait(10)
     acknowledged = publisher.acknowledged()
     publisher.close()
     assert len(acknowledged) >= 300
@@ -179,7 +212,7 @@ def test_sigterm_drains_and_exits_zero(pointgate: Pointgate, migrated_dsn: str) 
     pointgate.proc.send_signal(signal.SIGTERM)
     assert pointgate.proc.wait(10) == 0
     assert time.monotonic() - started < 10
-    time.sleep(0.3)
+    assert publisher.disconnected.wait(10)  # every PUBACK and reply sent before the exit has been handled
     acknowledged = publisher.acknowledged()
     publisher.close()
     assert not acknowledged - stored_indexes(migrated_dsn)
@@ -207,10 +240,11 @@ def test_drain_turns_readiness_off_and_second_signal_exits_at_once(tmp_path: Pat
             json.dumps({"id": "1", "method": "thing.measurepoint.resume", "params": {"measurepoints": {"temp": 1.0}}}),
             qos=1,
         )
-        time.sleep(1.0)
+        # the broker has the message once it waits in the writer's queue
+        process.wait_for(lambda: process.metric("pointgate_write_queue_points") >= 1, "queued the message")
         assert not info.is_published()  # nothing can be committed, so no PUBACK
         process.proc.send_signal(signal.SIGTERM)
-        time.sleep(1.0)
+        process.wait_for(lambda: "draining" in process.body("/readyz"), "reported draining on /readyz")
         assert process.proc.poll() is None  # still draining: the queued message is not given up early
         assert process.status("/livez") == 200
         with urllib.request.urlopen(f"http://127.0.0.1:{process.http_port}/readyz", timeout=2) as response:

@@ -21,12 +21,12 @@ def rows(dsn: str) -> list[dict[str, Any]]:
 
 
 def body(**changes: Any) -> dict[str, Any]:
-    request = json.loads(json.dumps(SAMPLE))
+    request: dict[str, Any] = json.loads(json.dumps(SAMPLE))
     request.update(changes)
     return request
 
 
-def batch_body(items: list[dict[str, Any]], **flags: Any) -> dict[str, Any]:
+def batch_body(items: object, **flags: Any) -> dict[str, Any]:
     return {"id": "b1", "version": "1.0", "method": "thing.measurepoint.resume.batch", "params": items, **flags}
 
 
@@ -178,7 +178,7 @@ def test_batch_with_skip_drops_only_invalid_points(device: Device, migrated_dsn:
 @pytest.mark.parametrize(
     ("payload", "fragment"),
     [
-        (batch_body({"measurepoints": {}}), "params must be an array"),  # type: ignore[arg-type]
+        (batch_body({"measurepoints": {}}), "params must be an array"),
         (batch_body([1]), "params[0] must be an object"),
         (batch_body([{"measurepoints": []}]), "measurepoints must be an object"),
         (batch_body([{"measurepoints": {}, "deviceKey": 5}]), "deviceKey must be a string"),
