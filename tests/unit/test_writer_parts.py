@@ -123,7 +123,7 @@ def test_take_batch_takes_an_oversized_part_alone() -> None:
 class _Pg(asyncpg.PostgresError):
     def __init__(self, sqlstate: str) -> None:
         super().__init__("x")
-        self.sqlstate = sqlstate
+        self.sqlstate = sqlstate  # type: ignore[misc]  # a ClassVar in asyncpg-stubs; per-instance here on purpose
 
 
 @pytest.mark.parametrize(
