@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import ssl
 import time
@@ -52,6 +53,10 @@ def test_request_is_committed_then_answered(
     dev.close()
 
 
+def _has_replies(dev: Device, topic: str, count: int) -> bool:
+    return len(replies_by_id(dev, topic)) >= count
+
+
 def replies_by_id(dev: Device, topic: str) -> dict[str, int]:
     """The reply codes a device received on ``topic``'s reply topic, by request id."""
     return {
@@ -84,7 +89,7 @@ def test_two_consumers_share_the_load_and_each_reply_reaches_its_device(
             dev.publish(resume_topic(dk=key), request(d * 1000 + index, float(index)))
     for d, (key, dev) in enumerate(devices.items()):
         topic = resume_topic(dk=key)
-        wait_for(lambda dev=dev, topic=topic: len(replies_by_id(dev, topic)) >= per_device, 30, f"{key}'s replies")
+        wait_for(functools.partial(_has_replies, dev, topic, per_device), 30, f"{key}'s replies")
         # exactly its own requests, each answered 200, none of another device's
         assert replies_by_id(dev, topic) == {str(d * 1000 + i): 200 for i in range(per_device)}
     total = per_device * len(devices)

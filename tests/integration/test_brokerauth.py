@@ -7,6 +7,7 @@ configured template, its default headers plus the one the operator configured). 
 
 from __future__ import annotations
 
+import functools
 import json
 import urllib.error
 import urllib.parse
@@ -92,7 +93,7 @@ def _good(**variant: Any) -> Login:
 
 
 LOGINS: dict[str, Callable[[], Login]] = {
-    **{f"sdk-{name}": (lambda v=variant: _good(**v)) for name, variant in VARIANTS.items()},
+    **{f"sdk-{name}": functools.partial(_good, **variant) for name, variant in VARIANTS.items()},
     "wrong-secret": lambda: login("dev1", "not-the-secret"),
     "unknown-device": lambda: login("ghost", SECRET),
     "other-devices-signature": lambda: login("dev1", "secret-of-dev2"),

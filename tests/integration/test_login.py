@@ -54,7 +54,7 @@ def connack_of(port: int, creds: Login) -> int:
     return code
 
 
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "python-sdk-default": {"method": "hmacsha256", "timestamp": PY_TIMESTAMP},
     "sha256-upper-hex": {"method": "sha256", "upper": True},
     "sha256-lower-hex": {"method": "sha256"},

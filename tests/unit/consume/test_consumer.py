@@ -72,10 +72,10 @@ def make(max_in_flight: int = 10) -> tuple[Consumer, FakeLink, FakeWriter]:
     link, writer = FakeLink(), FakeWriter()
     consumer = Consumer(
         link,
-        writer,
+        writer,  # type: ignore[arg-type]  # a fake of PointWriter's submit()
         load_models(schemas_dir()),
         max_payload_bytes=65536,
-        max_in_flight=max_in_flight,  # type: ignore[arg-type]
+        max_in_flight=max_in_flight,
     )
     return consumer, link, writer
 
