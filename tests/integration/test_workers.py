@@ -109,7 +109,7 @@ class Publisher:
         self.topic = resume_topic(dk=self.device_key)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.device_key, protocol=mqtt.MQTTv311)
         self.client.max_inflight_messages_set(20)
-        self.client.reconnect_delay_set(0.2, 1)  # a device whose worker died comes back at once
+        self.client.reconnect_delay_set(0.2, 1)  # type: ignore[arg-type]  # paho takes fractions of a second
         self.total = total
         self.mid_to_index: dict[int, int] = {}
         self.acked: set[int] = set()
