@@ -1,8 +1,9 @@
 """A real PostgreSQL for the test session, and a fresh database per test.
 
-By default the session starts its own server with pointgate's `EmbeddedPostgres` (durability off, socket
-only, under a temporary directory the unprivileged user can enter when we are root) and stops it at the end.
-With ``POINTGATE_TEST_DATABASE_URL`` set, tests use that server instead (its user needs CREATEDB).
+By default the session starts its own server with pointgate's `EmbeddedPostgres` (durability off, on its socket
+and on a loopback TCP port, under a temporary directory the unprivileged user can enter when we are root) and
+stops it at the end. With ``POINTGATE_TEST_DATABASE_URL`` set, tests use that server instead (its user needs
+CREATEDB).
 
 The fixtures are synchronous, so sync and async tests can both use them; each database operation runs on a
 private event loop that never touches the loop pytest-asyncio gives the test.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Coroutine, Iterator
@@ -68,6 +70,13 @@ async def _migrate(dsn: str) -> None:
         await conn.close()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[str]:
     """The admin DSN of the session's PostgreSQL."""
@@ -77,7 +86,8 @@ def pg_server() -> Iterator[str]:
         return
     tmp = Path(tempfile.mkdtemp(prefix="pointgate-test-"))
     tmp.chmod(0o755)  # ours: as root, the PostgreSQL user must be able to enter it
-    server = EmbeddedPostgres(tmp / "data", durable=False)
+    # on its socket and on a loopback TCP port too: a container on the host's network reaches it there
+    server = EmbeddedPostgres(tmp / "data", durable=False, port=_free_port())
     try:
         yield server.start()
     finally:
