@@ -16,11 +16,17 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Dependencies first, from pyproject.toml alone: this layer is rebuilt only when they change, not on every
+# code change (measured: a code change otherwise re-ran the whole install, 4 min on a busy 2-core machine).
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt
+COPY README.md ./
 COPY service/ service/
 COPY schemas/ schemas/
 COPY migrations/ migrations/
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir --no-deps .
 
 # --- runtime: the venv, the data files, an unprivileged user; no compiler, no pip cache -----------
 FROM ${PYTHON_IMAGE} AS runtime
