@@ -56,7 +56,13 @@ def podman(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``podman ARGS``; on ``check``, a failure raises with podman's stderr in the message."""
     result = subprocess.run(
-        ["podman", *args], stdin=stdin, capture_output=True, text=True, timeout=timeout, check=False, env=environment()
+        ["podman", *args],  # noqa: S607 (podman from PATH is what the stage tests)
+        stdin=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=environment(),
     )
     if check and result.returncode != 0:
         raise AssertionError(f"podman {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}")
@@ -195,7 +201,7 @@ class BaseImages:
         with tempfile.TemporaryDirectory(prefix="pointgate-ci-rootfs-", dir=cache_dir()) as tmp:
             rootfs = Path(tmp) / "rootfs"
             result = subprocess.run(
-                ["debootstrap", f"--variant={VARIANT}", SUITE, str(rootfs), MIRROR],
+                ["debootstrap", f"--variant={VARIANT}", SUITE, str(rootfs), MIRROR],  # noqa: S607
                 capture_output=True,
                 text=True,
                 timeout=1800,
@@ -211,7 +217,7 @@ class BaseImages:
                             child.unlink()
                 else:
                     path.unlink(missing_ok=True)
-            tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+            tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)  # noqa: S607
             try:
                 podman("import", "-", self.minbase, stdin=tar.stdout, timeout=600)
             finally:
