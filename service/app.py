@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import asyncpg
+from amqtt.errors import BrokerError
 
 from service import __version__
 from service.broker.config import broker_config
@@ -29,6 +31,7 @@ from service.devices import registry
 from service.devices.auth import DeviceAuthenticator
 from service.devices.brokerauth import AuthServer, check_auth_settings, endpoints
 from service.devices.secretbox import SecretBox, key_path, load_or_create_key
+from service.errors import ConfigError
 from service.model.thingmodel import ThingModel, load_models
 from service.ops import metrics
 from service.ops.http import Check, OpsServer
@@ -142,7 +145,18 @@ class Service:
         # give migrations a moment, so a healthy start logs "started" with the schema in place; a database
         # that is down does not hold start-up (the migrator keeps trying and readiness says why)
         await asyncio.wait({self._migrator}, timeout=5)
-        await broker.start()
+        # amqtt logs its own traceback for a failed bind before raising; ours below is the one line that says it
+        amqtt_log = logging.getLogger("amqtt.broker")
+        amqtt_log.disabled = True
+        try:
+            await broker.start()
+        except BrokerError as exc:
+            # one line naming the options, as the multi-process supervisor says it, not amqtt's traceback
+            cause = exc.__cause__
+            reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(exc)
+            raise ConfigError(f"cannot listen (--mqtt-bind / --mqtts-bind): {reason}") from None
+        finally:
+            amqtt_log.disabled = False
 
         http = None
         if self.session_events is None:  # a worker's supervisor serves these for all workers

@@ -113,6 +113,28 @@ def test_serve_with_workers_refuses_a_port_in_use(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_serve_single_process_refuses_a_port_in_use() -> None:
+    """`--workers 1` on a busy MQTT port: one line naming the options and the address, exit 2, no traceback."""
+    import shutil
+    import tempfile
+
+    data = Path(tempfile.mkdtemp(prefix="pointgate-cli-"))
+    data.chmod(0o755)  # reachable by the unprivileged PostgreSQL user when running as root
+    try:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            args = ["serve", "--workers", "1", "--mqtt-bind", f"127.0.0.1:{port}", "--http-bind", "127.0.0.1:0"]
+            result = runner.invoke(app, [*args, "--allow-anonymous", "--data-dir", str(data / "d")])
+        assert result.exit_code == 2, result.output
+        assert "cannot listen (--mqtt-bind / --mqtts-bind)" in result.output and str(port) in result.output
+        assert "Traceback" not in result.output
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.mark.slow
 def test_device_add_on_embedded_database_prints_only_the_secret(tmp_path: Path) -> None:
     """On the embedded database `device add` prints only the secret on stdout; its logs go to stderr."""
     import shutil
