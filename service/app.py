@@ -25,6 +25,7 @@ from amqtt.errors import BrokerError
 from service import __version__
 from service.broker.config import broker_config
 from service.broker.connection import Limits
+from service.broker.events import EventIngest
 from service.broker.ingest import Ingest
 from service.broker.overrides import PointgateBroker, SessionEvents
 from service.devices import registry
@@ -39,6 +40,7 @@ from service.ops.logs import get_logger
 from service.resources import migrations_dir
 from service.settings import Settings, parse_bind
 from service.storage.database import database_dsn
+from service.storage.events import EventWriter
 from service.storage.migrate import apply_migrations, pending_migrations
 from service.storage.partitions import policy_from_settings
 from service.storage.writer import PointWriter
@@ -79,6 +81,7 @@ class Service:
         self.state: _State | None = None
         self.broker: PointgateBroker | None = None
         self.writer: PointWriter | None = None
+        self.event_writer: EventWriter | None = None
         self.ops: OpsServer | None = None
         self.auth_server: AuthServer | None = None
         self.dsn = ""
@@ -121,6 +124,7 @@ class Service:
             schema_ready=state.schema_ready,
             policy=policy,
         )
+        self.event_writer = event_writer = EventWriter(dsn, schema_ready=state.schema_ready)
         self.broker = broker = PointgateBroker(
             config,
             connect_timeout=settings.connect_timeout,
@@ -138,10 +142,12 @@ class Service:
         broker.session_events = self.session_events
         broker.authenticator = DeviceAuthenticator(pool, box, allow_anonymous=settings.allow_anonymous)
         broker.ingest = ingest = Ingest(writer, models, max_payload_bytes=settings.max_payload_bytes)
+        broker.events = EventIngest(event_writer, models, max_payload_bytes=settings.max_payload_bytes)
         broker.points = writer  # while the writer is full, devices' sockets are not read
         self._migrator = asyncio.create_task(_migrate_when_reachable(dsn, state))
         self._topology = asyncio.create_task(_refresh_sub_devices(pool, ingest, state))
         writer.start()
+        event_writer.start()
         # give migrations a moment, so a healthy start logs "started" with the schema in place; a database
         # that is down does not hold start-up (the migrator keeps trying and readiness says why)
         await asyncio.wait({self._migrator}, timeout=5)
@@ -205,7 +211,8 @@ class Service:
     async def stop(self) -> None:
         """Drain and stop, in order; each step says why it is where it is."""
         assert self.broker is not None and self.writer is not None and self.state is not None
-        broker, writer, ops = self.broker, self.writer, self.ops
+        assert self.event_writer is not None
+        broker, writer, event_writer, ops = self.broker, self.writer, self.event_writer, self.ops
         # 1. Readiness goes false first, so load balancers stop sending new devices here.
         self.state.draining = True
         metrics.DRAINING.set(1)
@@ -215,8 +222,15 @@ class Service:
         # 2. Stop accepting connections; connected devices stay until their data is answered.
         broker.stop_accepting()
         # 3. Commit what is queued; its replies and PUBACKs go out as each commit lands.
-        if not await writer.drain(self.settings.drain_timeout):
-            log.warning("drain deadline passed; unanswered data stays with the devices", points=writer.queued_points)
+        drained = await asyncio.gather(
+            writer.drain(self.settings.drain_timeout), event_writer.drain(self.settings.drain_timeout)
+        )
+        if not all(drained):
+            log.warning(
+                "drain deadline passed; unanswered data stays with the devices",
+                points=writer.queued_points,
+                events=event_writer.queued,
+            )
         # 4. Let the replies those commits queued reach the devices before their connections close.
         await _flush_replies(broker, deadline=1.0)
         # 5. Close device connections and the broker.
@@ -229,6 +243,7 @@ class Service:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await writer.close()
+        await event_writer.close()
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pool.close(), 2)

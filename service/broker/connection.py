@@ -36,7 +36,14 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from service.broker import acl
 from service.ops import metrics
 from service.ops.logs import get_logger
-from service.protocol.topics import RequestTopic, parse_request_topic, valid_filter, valid_topic
+from service.protocol.topics import (
+    EventTopic,
+    RequestTopic,
+    parse_event_topic,
+    parse_request_topic,
+    valid_filter,
+    valid_topic,
+)
 
 if TYPE_CHECKING:
     from amqtt.session import Session
@@ -81,10 +88,23 @@ class RequestHandler(Protocol):
         """Answer a request whose packet exceeded the size limit."""
 
 
+class EventHandler(Protocol):
+    """Where an event post goes (service/broker/events.py `EventIngest`)."""
+
+    def accept(
+        self, topic: EventTopic, payload: bytes, ticket: Ticket, *, device: acl.Identity, client_id: str
+    ) -> None:
+        """Decide on an event post; answer ``ticket`` now (refused) or once its row is committed."""
+
+    def reject_oversize(self, topic: EventTopic, size: int, ticket: Ticket, *, client_id: str) -> None:
+        """Answer an event post whose packet exceeded the size limit."""
+
+
 class Hub(Protocol):
     """What a connection needs from the broker (overrides.PointgateBroker)."""
 
     ingest: RequestHandler | None
+    events: EventHandler | None
 
     def deliver(self, topic: str, data: bytes, qos: int) -> None:
         """Hand a message to every session subscribed to ``topic``."""
@@ -217,7 +237,8 @@ class Connection(BrokerProtocolHandler):
         self._timer: asyncio.TimerHandle | None = None
         self._out_id = 0  # packet ids of our QoS 1 deliveries
         self._qos2: dict[int, tuple[str, bytes, bool]] = {}
-        self._requests: dict[str, RequestTopic | None] = {}  # a device uses a handful of topics, parsed once
+        # a device uses a handful of topics, parsed once
+        self._requests: dict[str, RequestTopic | EventTopic | None] = {}
 
     # --- life cycle ----------------------------------------------------------------------------------
     def begin(self, session: Session, connack: bytes) -> None:
@@ -491,13 +512,22 @@ class Connection(BrokerProtocolHandler):
         if request is _UNPARSED:
             if len(requests) >= 16:
                 requests.clear()
-            request = requests[topic] = parse_request_topic(topic)
+            request = requests[topic] = parse_request_topic(topic) or parse_event_topic(topic)
         if isinstance(request, RequestTopic) and ingest is not None:
             if qos == 2:
                 raise LimitExceeded("qos2_request", "QoS 2 on a request topic (the SDKs use QoS 1)")
             ticket = _Ticket(self, packet_id or None, request.reply_topic)
             self._pending.append(ticket)
             ingest.accept(request, payload, ticket, device=self.identity, client_id=self.client_id)
+            return
+        # after the measurement-point branch, so that hot path pays nothing for events
+        if isinstance(request, EventTopic) and hub.events is not None:
+            if qos == 2:
+                raise LimitExceeded("qos2_request", "QoS 2 on a request topic (the SDKs use QoS 1)")
+            # the Python SDK posts events at QoS 0: no PUBACK then, but the reply still waits for the commit
+            ticket = _Ticket(self, packet_id or None, request.reply_topic)
+            self._pending.append(ticket)
+            hub.events.accept(request, payload, ticket, device=self.identity, client_id=self.client_id)
             return
         if qos == 2:
             if packet_id not in self._qos2:
@@ -609,12 +639,14 @@ class Connection(BrokerProtocolHandler):
             raise ProtocolViolation("PUBLISH with packet identifier 0 [MQTT-2.3.1-1]")
         end = index + length
         log.info("oversized publish skipped", client_id=self.client_id, bytes=length)
-        request = parse_request_topic(topic)
-        ingest = self.hub.ingest
+        request = parse_request_topic(topic) or parse_event_topic(topic)
+        ingest, events = self.hub.ingest, self.hub.events
         ticket = _Ticket(self, packet_id or None, request.reply_topic if request is not None else None)
         self._pending.append(ticket)
-        if request is not None and ingest is not None:
+        if isinstance(request, RequestTopic) and ingest is not None:
             ingest.reject_oversize(request, length, ticket, client_id=self.client_id)
+        elif isinstance(request, EventTopic) and events is not None:
+            events.reject_oversize(request, length, ticket, client_id=self.client_id)
         else:
             ticket.done = True
         if end > size:

@@ -62,7 +62,7 @@ from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
 from service.broker import acl
-from service.broker.connection import Connection, LimitExceeded, Limits, RequestHandler
+from service.broker.connection import Connection, EventHandler, LimitExceeded, Limits, RequestHandler
 from service.broker.subscriptions import TopicIndex
 from service.ops import metrics
 from service.protocol.topics import valid_filter, valid_topic
@@ -278,6 +278,7 @@ class PointgateBroker(Broker):
         )
         self.session_expiry = session_expiry
         self.ingest: RequestHandler | None = None
+        self.events: EventHandler | None = None  # event posts (service.broker.events.EventIngest)
         # where the ingest's points go (service.storage.writer.PointWriter): while it is full, connections stop
         # reading requests, so the queue in front of PostgreSQL stays bounded whatever the number of devices
         self.points: Any = None

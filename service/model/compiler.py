@@ -25,6 +25,7 @@ TIMESTAMP_MAX: Final = 253402300799999  # 9999-12-31 23:59:59.999 UTC
 QUALITY_MAX: Final = 32767  # the quality column is a smallint
 MAX_STRING_BYTES: Final = 1024
 MAX_ARRAY_ITEMS: Final = 128
+EVENT_TYPES: Final = ("INFO", "WARN", "ERROR")
 DATA_TYPES: Final = ("ARRAY", "BOOL", "DATE", "DOUBLE", "ENUM", "FILE", "FLOAT", "INT", "STRING", "STRUCT", "TIMESTAMP")
 ITEM_TYPES: Final = ("INT", "FLOAT", "DOUBLE", "STRING")
 # Descriptive keys EnOS model exports carry; accepted and ignored. Anything else is refused, so a
@@ -210,4 +211,44 @@ def compile_point(path: str, identifier: str, point: object) -> tuple[str, bool,
     except ValueError as exc:
         raise ModelError(path, str(exc)) from None
     except SchemaError as exc:  # a rule above let through what the metaschema refuses: our bug, still refused
+        raise ModelError(path, f"{where}: compiles to an invalid JSON Schema: {exc.message}") from None
+
+
+def compile_event(path: str, identifier: str, event: object) -> tuple[str, list[tuple[str, str, bool, dict[str, Any]]]]:
+    """``(EVENT TYPE, [(parameter, DATA TYPE, required, schema), ...])`` for one event; ModelError names the event.
+
+    An event is EnOS's shape: ``{"eventType": "INFO"|"WARN"|"ERROR", "outputData": [{"identifier", "dataType",
+    "dataDefinition", "required"}, ...]}``. Each output parameter compiles exactly as a measure point without
+    quality does (`value_schema`), so it is checked with the same types, ranges and wording.
+    """
+    where = f"event {quote(identifier)}"
+    try:
+        _name(where, identifier)
+        if not isinstance(event, dict):
+            raise ValueError(f"{where}: must be an object with an eventType and outputData")
+        _keys(where, event, ("identifier", "eventType", "outputData"))
+        if event.get("identifier", identifier) != identifier:
+            raise ValueError(f"{where}: identifier {quote(event['identifier'])} differs from its key")
+        event_type = _type_name(where, event.get("eventType"), EVENT_TYPES, "eventType")
+        output = event.get("outputData", [])
+        if not isinstance(output, list):
+            raise ValueError(f"{where}: outputData must be a list of parameters")
+        params: list[tuple[str, str, bool, dict[str, Any]]] = []
+        for index, param in enumerate(output):
+            at = f"{where}: outputData [{index}]"
+            if not isinstance(param, dict):
+                raise ValueError(f"{at} must be an object")
+            _keys(at, param, ("identifier", "dataType", "dataDefinition", "required"))
+            name = _name(at, param.get("identifier"))
+            if any(name == seen for seen, *_ in params):
+                raise ValueError(f"{where}: output parameter {quote(name)} is defined twice")
+            required = param.get("required", False)
+            if not isinstance(required, bool):
+                raise ValueError(f"{where}: output parameter {quote(name)}: required must be true or false")
+            schema = point_schema(value_schema(f"{where}: output parameter {quote(name)}", param), False)
+            params.append((name, param["dataType"].upper(), required, schema))
+        return event_type, params
+    except ValueError as exc:
+        raise ModelError(path, str(exc)) from None
+    except SchemaError as exc:  # as for measure points: our bug, still refused
         raise ModelError(path, f"{where}: compiles to an invalid JSON Schema: {exc.message}") from None

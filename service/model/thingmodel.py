@@ -1,10 +1,14 @@
-"""Thing models: load each product's model from ``schemas/`` and check measure points against it.
+"""Thing models: load each product's model from ``schemas/`` and check measure points and events against it.
 
 A model file is JSON shaped like EnOS's model definition (design.md, "Thing models"). Each measure
 point compiles once, at load, to a JSON Schema (``service.model.compiler``) and to a plain-Python
 test derived from that schema; a good point costs one call of the test, and only a point the test
 refuses goes to jsonschema, which has the last word and words the reason. A malformed model is a
 ``ModelError`` naming the file and what is wrong with it.
+
+Events (``events``: identifier -> ``{"eventType", "outputData": [...]}``, EnOS's shape) are checked the same
+way: each output parameter is compiled like a measure point without quality, and `ThingModel.check_event`
+words every failing parameter.
 """
 
 from __future__ import annotations
@@ -19,14 +23,14 @@ from typing import Any, cast
 from jsonschema.protocols import Validator
 
 from service.errors import ModelError
-from service.model.compiler import IGNORED_KEYS, compile_point
+from service.model.compiler import IGNORED_KEYS, compile_event, compile_point
 from service.model.fasttest import fast_test
 from service.model.keywords import PointValidator
 from service.model.storable import name_problem, tree_problem
 from service.model.wording import explain
 from service.protocol.replies import quote
 
-_MODEL_KEYS = ("productKey", "validate", "measurepoints", "$schema")
+_MODEL_KEYS = ("productKey", "validate", "measurepoints", "events", "$schema")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +66,16 @@ class PointSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class EventSpec:
+    """One event of a model: its type (INFO, WARN, ERROR) and its output parameters, each compiled like a point."""
+
+    identifier: str
+    event_type: str
+    params: Mapping[str, PointSpec]
+    required: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ThingModel:
     """One product's thing model: what its devices may report."""
 
@@ -69,6 +83,38 @@ class ThingModel:
     validate: bool
     path: str
     points: Mapping[str, PointSpec]
+    events: Mapping[str, EventSpec] = field(default_factory=lambda: MappingProxyType({}))
+
+    def check_event(self, identifier: str, values: Mapping[str, object]) -> list[PointIssue]:
+        """Every problem with an event ``identifier`` reporting output ``values`` (empty: it may be stored).
+
+        An event the model does not define is one issue when ``validate`` is true; otherwise it is stored as
+        sent, provided its names and values can be stored. Of a defined event, an output parameter the
+        model does not define is an issue when ``validate`` is true, and a ``required`` one missing always is.
+        """
+        spec = self.events.get(identifier)
+        if spec is None:
+            if self.validate:
+                return [PointIssue(_printable(identifier), f"event not defined in the model of {self.product_key}")]
+            return [
+                PointIssue(_printable(name), problem)
+                for name, value in values.items()
+                if (problem := name_problem(name) or tree_problem(value))
+            ]
+        issues: list[PointIssue] = []
+        for name, value in values.items():
+            param = spec.params.get(name)
+            if param is not None:
+                if not param.fast_test(value) and (reason := explain(param.validator, False, value)):
+                    issues.append(PointIssue(name, reason))
+            elif self.validate:
+                issues.append(PointIssue(_printable(name), f"not an output parameter of event {identifier}"))
+            elif problem := name_problem(name) or tree_problem(value):
+                issues.append(PointIssue(_printable(name), problem))
+        issues.extend(
+            PointIssue(name, "required output parameter missing") for name in spec.required if name not in values
+        )
+        return issues
 
     def check(self, measurepoints: Mapping[str, object]) -> tuple[list[CheckedPoint], list[PointIssue]]:
         """Check every point; return the good ones and an issue for every bad one (never stop at the first).
@@ -163,7 +209,23 @@ def compile_model(document: object, where: str = "<model>") -> ThingModel:
         data_type, has_quality, schema = compile_point(where, identifier, definition)
         validator = PointValidator(schema)
         points[identifier] = PointSpec(identifier, data_type, has_quality, schema, validator, fast_test(schema))
-    return ThingModel(cast(str, product_key), validate, where, MappingProxyType(points))
+    return ThingModel(cast(str, product_key), validate, where, MappingProxyType(points), _events(document, where))
+
+
+def _events(document: dict[str, Any], where: str) -> Mapping[str, EventSpec]:
+    definitions = document.get("events", {})
+    if not isinstance(definitions, dict):
+        raise ModelError(where, "events must be an object of identifier -> definition")
+    events: dict[str, EventSpec] = {}
+    for identifier, definition in definitions.items():
+        event_type, compiled = compile_event(where, identifier, definition)
+        params = {
+            name: PointSpec(name, data_type, False, schema, PointValidator(schema), fast_test(schema))
+            for name, data_type, _, schema in compiled
+        }
+        required = tuple(name for name, _, needed, _ in compiled if needed)
+        events[identifier] = EventSpec(identifier, event_type, MappingProxyType(params), required)
+    return MappingProxyType(events)
 
 
 def _model_files(directory: Path) -> list[Path]:

@@ -42,6 +42,7 @@ __all__ = [
     "BUILD_INFO",
     "CONNECTED_DEVICES",
     "DRAINING",
+    "EVENTS_WRITTEN",
     "LIMIT_HITS",
     "LIMIT_NAMES",
     "MESSAGES",
@@ -73,7 +74,7 @@ GCCollector(registry=REGISTRY)
 
 # The closed sets of label values, each defined once: the Literal types the callers are checked against
 # (mypy), and the tuples derived from them that pre-create every series at 0.
-ApiName = Literal["resume", "resume_batch", "post", "post_batch"]
+ApiName = Literal["resume", "resume_batch", "post", "post_batch", "event"]
 MessageOutcome = Literal["accepted", "rejected", "failed"]
 WriteErrorReason = Literal["connection", "data", "other"]
 AuthFailureReason = Literal[
@@ -103,7 +104,7 @@ ACL_ACTIONS: tuple[AclAction, ...] = get_args(AclAction)
 # --- messages and replies -------------------------------------------------------------------------
 MESSAGES = Counter(
     "pointgate_messages_total",
-    "Measurement-point requests handled, by API, outcome (accepted, rejected: the device's fault, "
+    "Measurement-point and event requests handled, by API, outcome (accepted, rejected: the device's fault, "
     "failed: ours) and the reply code sent.",
     ["api", "outcome", "code"],
     registry=REGISTRY,
@@ -116,6 +117,11 @@ REPLIES = Counter(
 )
 
 # --- storage --------------------------------------------------------------------------------------
+EVENTS_WRITTEN = Counter(
+    "pointgate_events_written_total",
+    "Device events committed to PostgreSQL.",
+    registry=REGISTRY,
+)
 POINTS_WRITTEN = Counter(
     "pointgate_points_written_total",
     "Measurement points committed to PostgreSQL.",

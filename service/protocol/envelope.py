@@ -1,4 +1,5 @@
-"""Payload bytes → a `Request`: the EnOS envelope checked field by field, before any thing model is consulted.
+"""Payload bytes → a `Request` or an `EventRequest`: the EnOS envelope checked field by field, before any
+thing model is consulted.
 
 Every refusal is a `DeviceFault` with the code EnOS uses for it (reference/enos-protocol.md §4–§6) and, when
 the payload had one, the request ``id`` so the reply can echo it.
@@ -14,7 +15,7 @@ import orjson
 from service.errors import DeviceFault
 from service.protocol import replies
 from service.protocol.replies import ReplyCode, json_type, show
-from service.protocol.topics import RequestTopic
+from service.protocol.topics import EventTopic, RequestTopic
 
 VERSIONS = frozenset({"1.0", "1.1"})
 # timestamptz holds far more, but a device clock outside years 1970..9999 is a bug, not data
@@ -39,6 +40,38 @@ class Request:
     items: list[Item]
     skip_invalid: bool = False
     allow_offline_sub_device: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EventRequest:
+    """A decoded event post: the event's output parameters at one time."""
+
+    id: Any  # as sent: echoed verbatim in the reply
+    time_ms: int
+    values: dict[str, Any]
+
+
+def decode_event(payload: bytes, topic: EventTopic, *, received_ms: int, max_bytes: int) -> EventRequest:
+    """Check the envelope of an event post: ``params`` is ``{"events": {param: value, ...}, "time"?: ms}``.
+
+    ``events`` is what the official Python SDK (``EventPostRequest``) and EnOS's documentation send; ``value``
+    is accepted in its place (the Alibaba-style name some hand-written clients use), never both.
+    """
+    # enos-mqtt-sdk-python 0.1.1 builds the method as "thing.event.%s.post" + eventId (an unformatted template):
+    # the official SDK's events would otherwise all be 1260
+    body, request_id = _open(payload, topic.method, max_bytes, f"thing.event.%s.post{topic.event_id}")
+    params = body.get("params")
+    code = ReplyCode.PAYLOAD_FORMAT_ERROR
+    if not isinstance(params, dict):
+        raise DeviceFault(code, f"params must be an object, got {json_type(params)}", request_id=request_id)
+    if "events" in params and "value" in params:
+        raise DeviceFault(code, 'params has both "events" and "value": send one', request_id=request_id)
+    name = "value" if "value" in params else "events"
+    values = params.get(name)
+    if not isinstance(values, dict):
+        detail = f"params.{name} must be an object of output parameters, got {json_type(values)}"
+        raise DeviceFault(code, detail, request_id=request_id)
+    return EventRequest(request_id, _time(params, received_ms, "params", code, request_id), values)
 
 
 def decode(payload: bytes, topic: RequestTopic, *, received_ms: int, max_bytes: int) -> Request:
@@ -98,6 +131,63 @@ def decode(payload: bytes, topic: RequestTopic, *, received_ms: int, max_bytes: 
         skip_invalid=_flag(body, "skipInvalidMeasurepoints", request_id),
         allow_offline_sub_device=_flag(body, "allowOfflineSubDevice", request_id),
     )
+
+
+def _open(payload: bytes, expected: str, max_bytes: int, alias: str = "") -> tuple[dict[str, Any], Any]:
+    """The JSON object of an event post and its ``id``, the envelope fields every request has checked.
+
+    ``method`` must be ``expected`` (or ``alias``, a known SDK misspelling of it, when given). The same checks as
+    the start of `decode`, which keeps them inline: the measurement-point path pays no extra call for events.
+    tests/unit/protocol/test_envelope.py holds the two to the same codes and words.
+    """
+    if not payload:
+        raise DeviceFault(ReplyCode.PAYLOAD_EMPTY)
+    error: orjson.JSONDecodeError | None = None
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        body, error = None, exc
+    if replies.is_too_large(len(payload), max_bytes):
+        # it was read anyway (it fit in a packet), so the reply can still echo its id
+        request_id = body.get("id") if isinstance(body, dict) else None
+        detail = replies.too_large_detail(len(payload), max_bytes)
+        raise DeviceFault(ReplyCode.MESSAGE_TOO_LARGE, detail, request_id=request_id)
+    if error is not None:
+        raise DeviceFault(ReplyCode.PAYLOAD_FORMAT_ERROR, f"payload is not valid JSON ({error})")
+    if not isinstance(body, dict):
+        raise DeviceFault(ReplyCode.PAYLOAD_FORMAT_ERROR, "payload is not a JSON object")
+
+    request_id = body.get("id")
+
+    def refuse(code: ReplyCode, detail: str) -> DeviceFault:
+        return DeviceFault(code, detail, request_id=request_id)
+
+    if request_id is not None and (not isinstance(request_id, str | int) or isinstance(request_id, bool)):
+        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"id must be a string, got {json_type(request_id)}")
+    version = body.get("version")
+    if version is not None and version not in VERSIONS:
+        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f'version must be "1.0" or "1.1", got {show(version)}')
+    method = body.get("method")
+    if not isinstance(method, str):
+        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"method must be a string, got {json_type(method)}")
+    if method != expected and (not alias or method != alias):
+        raise refuse(ReplyCode.METHOD_MISMATCH, f"method {method!r} does not match topic, expected {expected!r}")
+
+    return body, request_id
+
+
+def _time(entry: dict[str, Any], received_ms: int, where: str, code: ReplyCode, request_id: Any) -> int:
+    # `_item`'s time rule, for event posts (kept inline there, for the same reason as `_open`)
+    time_ms = entry.get("time")
+    if time_ms is None:
+        return received_ms
+    if not isinstance(time_ms, int) or isinstance(time_ms, bool):
+        raise DeviceFault(
+            code, f"{where}.time must be integer milliseconds, got {show(time_ms)}", request_id=request_id
+        )
+    if not 0 <= time_ms <= MAX_TIME_MS:
+        raise DeviceFault(code, f"{where}.time {time_ms} is out of range", request_id=request_id)
+    return time_ms
 
 
 def _item(

@@ -53,6 +53,44 @@ def parse_request_topic(topic: str) -> RequestTopic | None:
     return RequestTopic(topic, parts[2], parts[3], parts[6], batch)
 
 
+@dataclass(frozen=True, slots=True)
+class EventTopic:
+    """An event post topic, parsed: ``/sys/{productKey}/{deviceKey}/thing/event/{eventId}/post``."""
+
+    topic: str
+    product_key: str
+    device_key: str
+    event_id: str
+
+    batch = False  # one event per request: the envelope decoder reads ``params`` as an object
+
+    @property
+    def method(self) -> str:
+        """The ``method`` a payload on this topic must carry."""
+        return f"thing.event.{self.event_id}.post"
+
+    @property
+    def reply_topic(self) -> str:
+        """Where the answer is published."""
+        return self.topic + "_reply"
+
+    @property
+    def name(self) -> str:
+        """Label for metrics and logs."""
+        return "event"
+
+
+def parse_event_topic(topic: str) -> EventTopic | None:
+    """Return the parsed event post, or None when the topic is not one."""
+    parts = topic.split("/")
+    # ['', 'sys', pk, dk, 'thing', 'event', eventId, 'post']
+    if len(parts) != 8 or parts[0] != "" or parts[1] != "sys" or parts[4] != "thing" or parts[5] != "event":
+        return None
+    if parts[7] != "post" or not parts[2] or not parts[3] or not parts[6]:
+        return None
+    return EventTopic(topic, parts[2], parts[3], parts[6])
+
+
 def device_prefixes(product_key: str, device_key: str) -> tuple[str, str]:
     """The topic prefixes a device owns: its ``/sys/`` and ``/ext/session/`` trees."""
     return f"/sys/{product_key}/{device_key}/", f"/ext/session/{product_key}/{device_key}/"

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from service.errors import DeviceFault
-from service.protocol.envelope import MAX_TIME_MS, Item, Request, decode
+from service.protocol.envelope import MAX_TIME_MS, Item, Request, decode, decode_event
 from service.protocol.replies import ReplyCode
-from service.protocol.topics import RequestTopic, parse_request_topic
+from service.protocol.topics import RequestTopic, parse_event_topic, parse_request_topic
 
 SINGLE = parse_request_topic("/sys/pk/dk/thing/measurepoint/resume")
 BATCH = parse_request_topic("/sys/pk/dk/thing/measurepoint/resume/batch")
@@ -143,3 +143,46 @@ def test_long_values_are_cut_short_in_reasons() -> None:
     """A long wrong value is quoted back cut to 40 characters with an ellipsis, never in full."""
     fault = refusal(single(version="v" * 500))
     assert fault.detail.endswith("…") and len(fault.detail) < 100
+
+
+EVENT = parse_event_topic("/sys/pk/dk/thing/event/alarm/post")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,  # empty payload
+        b"{oops",
+        b"[1]",
+        {"id": True},
+        {"id": "1", "version": "2.0"},
+        {"id": "1", "method": 5},
+        {"id": "1", "method": "thing.other"},
+        {"id": "1", "method": "thing.other", "params": {"time": "now"}, "pad": "x" * LIMIT},
+    ],
+)
+def test_event_and_point_envelopes_refuse_alike(header: object) -> None:
+    """The envelope checks every request shares give an event post the same code and words as a point request."""
+    payload = b"" if header is None else header if isinstance(header, bytes) else encode(header)
+    assert EVENT is not None
+    with pytest.raises(DeviceFault) as point:
+        run(payload)
+    with pytest.raises(DeviceFault) as event:
+        decode_event(payload, EVENT, received_ms=RECEIVED, max_bytes=LIMIT)
+    assert (event.value.code, event.value.request_id) == (point.value.code, point.value.request_id)
+    # the method mismatch names each topic's own method; every other reason is word for word the same
+    assert event.value.text == point.value.text.replace("thing.measurepoint.resume", "thing.event.alarm.post")
+
+
+@pytest.mark.parametrize(
+    ("time_value", "words"), [("5", "must be integer"), (True, "must be integer"), (-1, "out of range")]
+)
+def test_event_time_follows_the_point_rule(time_value: object, words: str) -> None:
+    """An event's ``time`` is refused exactly where a point request's would be."""
+    assert EVENT is not None
+    body = {"id": "1", "method": "thing.event.alarm.post", "params": {"events": {}, "time": time_value}}
+    with pytest.raises(DeviceFault) as event:
+        decode_event(encode(body), EVENT, received_ms=RECEIVED, max_bytes=LIMIT)
+    with pytest.raises(DeviceFault) as point:
+        run(single(params={"measurepoints": {}, "time": time_value}))
+    assert words in event.value.text and event.value.text == point.value.text
