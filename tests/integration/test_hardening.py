@@ -183,8 +183,9 @@ def received(dev: Device, topics: set[str], timeout: float) -> tuple[str, bytes,
 
 
 def own_topic(dk: str, name: str = "x") -> str:
-    """A non-request topic in device ``dk``'s own tree (not ingested: it is relayed like any MQTT message)."""
-    return f"/sys/{PK}/{dk}/thing/event/{name}/post"
+    """A topic in device ``dk``'s own tree that is relayed like any MQTT message: a device's answer to a
+    cloud-to-device service call (requests on a device's tree are answered, never relayed)."""
+    return f"/sys/{PK}/{dk}/thing/service/{name}_reply"
 
 
 # --- 1. keep-alive (H2) ---------------------------------------------------------------------------------------------

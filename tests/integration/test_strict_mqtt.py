@@ -237,7 +237,7 @@ def test_device_that_never_reads_is_disconnected_and_others_unaffected(
     """A device publishing to its own subscribed topic without reading is cut off near max_queued_bytes."""
     service = start_service(max_queued_bytes=65536)
     before = limit_hits("queued_bytes")
-    topic = f"/sys/{PK}/sink/thing/event/x/post"
+    topic = f"/sys/{PK}/sink/thing/service/x_reply"
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(5)
@@ -267,7 +267,7 @@ def test_qos2_in_flight_past_the_limit_disconnects(start_service: Callable[..., 
     try:
         assert raw.connect(connect_packet("q2")) == 0
         for packet_id in range(1, 11):
-            raw.send(publish_packet(f"/sys/{PK}/q2/thing/event/x/post", b"y" * 1000, qos=2, packet_id=packet_id))
+            raw.send(publish_packet(f"/sys/{PK}/q2/thing/service/x_reply", b"y" * 1000, qos=2, packet_id=packet_id))
         assert raw.wait_closed(2.0) is not None
         assert len(raw.received(PUBREC)) == 4
     finally:
@@ -298,7 +298,7 @@ def test_persistent_session_of_a_device_that_never_returns_expires(
     raw = RawClient(service.port)
     try:
         assert raw.connect(connect_packet("gone", clean=False)) == 0
-        raw.send(subscribe_packet(1, [(f"/sys/{PK}/gone/thing/event/x/post", 1)]))
+        raw.send(subscribe_packet(1, [(f"/sys/{PK}/gone/thing/service/x_reply", 1)]))
         assert raw.read_packet(2.0) is not None
     finally:
         raw.close()
