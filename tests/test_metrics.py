@@ -15,6 +15,7 @@ EXPECTED = {
     # family name (as the client reports it, without _total) -> (type, label names)
     "pointgate_messages": ("counter", {"api", "outcome", "code"}),
     "pointgate_points_written": ("counter", set()),
+    "pointgate_events_written": ("counter", set()),
     "pointgate_write_batch_points": ("histogram", set()),
     "pointgate_write_seconds": ("histogram", set()),
     "pointgate_write_errors": ("counter", {"reason"}),
