@@ -168,7 +168,9 @@ class Service:
         if self.session_events is None:  # a worker's supervisor serves these for all workers
             host, port = parse_bind(settings.http_bind, default_host="127.0.0.1")
             # the broker auth endpoints (docs/scale-out.md), for a cluster broker in front: off unless guarded
-            routes, self.auth_server = endpoints(settings, DeviceAuthenticator(pool, box, allow_anonymous=False))
+            routes, self.auth_server = endpoints(
+                settings, DeviceAuthenticator(pool, box, allow_anonymous=False, allow_activation=False)
+            )
             self.ops = ops = OpsServer(host, port, self.readiness_checks(), routes=routes)
             await ops.start()
             if self.auth_server is not None:

@@ -133,7 +133,9 @@ async def supervise(settings: Settings) -> int:
             # the broker auth endpoints (docs/scale-out.md) are served here too, off unless configured
             pool = await asyncpg.create_pool(dsn, min_size=0, max_size=2, timeout=5)
             stack.push_async_callback(_close_pool, pool)
-            routes, auth_server = endpoints(settings, DeviceAuthenticator(pool, box, allow_anonymous=False))
+            routes, auth_server = endpoints(
+                settings, DeviceAuthenticator(pool, box, allow_anonymous=False, allow_activation=False)
+            )
             host, port = parse_bind(settings.http_bind, default_host="127.0.0.1")
             ops = OpsServer(host, port, supervisor.readiness_checks(), render=supervisor.metrics.render, routes=routes)
             await ops.start()

@@ -65,6 +65,7 @@ from service.broker import acl
 from service.broker.connection import Connection, EventHandler, LimitExceeded, Limits, RequestHandler
 from service.broker.subscriptions import TopicIndex
 from service.ops import metrics
+from service.protocol.activation import activate_info, activate_info_topic
 from service.protocol.topics import valid_filter, valid_topic
 
 if TYPE_CHECKING:
@@ -339,11 +340,16 @@ class PointgateBroker(Broker):
         identity = _identity(client_session)
         if identity is not None:
             client_session.client_id = f"{identity[0]}/{identity[1]}/{client_session.client_id}"
+        # the device secret of a device this CONNECT just activated (secure mode 3): never kept on a session
+        activated_secret = client_session.attributes.pop("activated_secret", None)
         session = await self._adopt_session(client_session)
         self._sessions[session.client_id] = (session, handler)
         if self.session_events is not None:  # W1
             self.session_events.connected(session.client_id, handler, session.clean_session)
         handler.begin(session, connack(_ACCEPTED, session_present=bool(session.parent)))
+        if activated_secret is not None and identity is not None:
+            # right after the CONNACK, unsubscribed, as EnOS does: the SDKs take it as a command
+            handler.send(activate_info_topic(*identity), activate_info(*identity, activated_secret), 1)
         metrics.CONNECTED_DEVICES.inc()
         try:
             await self.plugins_manager.fire_event(

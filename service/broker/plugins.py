@@ -52,4 +52,8 @@ class DeviceAuthPlugin(BaseAuthPlugin):
             return False
         if result.product_key and result.device_key:
             session.attributes["device"] = (result.product_key, result.device_key)
+        secret = getattr(result, "activated_secret", None)
+        if secret:
+            # just activated (secure mode 3): the broker sends it on activate/info after the CONNACK, then drops it
+            session.attributes["activated_secret"] = secret
         return True

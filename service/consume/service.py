@@ -136,7 +136,9 @@ class ConsumeService:
         if auth_enabled(settings):
             # the broker logs devices in through us: the registry's secrets need the key they were sealed with
             box = SecretBox(load_or_create_key(key_path(settings)))
-            routes, self.auth_server = endpoints(settings, DeviceAuthenticator(pool, box, allow_anonymous=False))
+            routes, self.auth_server = endpoints(
+                settings, DeviceAuthenticator(pool, box, allow_anonymous=False, allow_activation=False)
+            )
         host, port = parse_bind(settings.http_bind, default_host="127.0.0.1")
         self.ops = ops = OpsServer(host, port, checks, routes=routes)
         await ops.start()

@@ -1,7 +1,12 @@
 """Who may connect: checks a CONNECT's EnOS login against the device registry.
 
 The broker calls `DeviceAuthenticator.authenticate` once per CONNECT and refuses the connection unless the
-result is ``ok``. Credentials are cached per device for ``cache_seconds`` (misses too), so a device
+result is ``ok``. Secure mode 2 is signed with the device secret; a device's first such login marks it
+activated. Secure mode 3 is signed with the product secret and activates a registered device that is not yet
+activated, when its product allows dynamic activation (service/devices/activation.py): the result then carries
+the device secret, which the broker sends the device on ``/ext/session/{pk}/{dk}/thing/activate/info``.
+
+Credentials are cached per device for ``cache_seconds`` (misses too), so a device
 retrying in a loop, or a fleet reconnecting after a restart, costs one query per device per period; a
 disabled device or a rotated secret therefore takes effect within that period. Concurrent logins of the
 same device share one query.
@@ -16,15 +21,16 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from service.devices.registry import get_credentials
+from service.devices import activation
+from service.devices.activation import DeviceLogin
 from service.devices.secretbox import SecretBox
 from service.errors import LoginRefused
 from service.ops.logs import get_logger
 from service.ops.metrics import AuthFailureReason
-from service.protocol.signing import parse_login, verify_password
+from service.protocol.signing import LoginRequest, parse_login, verify_password
 
 _Key = tuple[str, str]
-_Credentials = tuple[str, bool] | None
+_Credentials = DeviceLogin | None
 
 log = get_logger(__name__)
 
@@ -41,10 +47,16 @@ class AuthResult:
     product_key: str | None
     device_key: str | None
     reason: AuthFailureReason | None
+    # set only when this login (secure mode 3) just activated the device: its secret, to be sent to it
+    activated_secret: str | None = None
 
 
 class DeviceAuthenticator:
-    """Checks EnOS secure-mode-2 logins against the registry, with a short credentials cache."""
+    """Checks EnOS secure-mode-2 and -3 logins against the registry, with a short credentials cache.
+
+    ``allow_activation`` False refuses secure mode 3: a caller that cannot send the device its secret (the
+    broker auth endpoints of a cluster broker) must not activate it.
+    """
 
     def __init__(
         self,
@@ -52,6 +64,7 @@ class DeviceAuthenticator:
         box: SecretBox,
         *,
         allow_anonymous: bool,
+        allow_activation: bool = True,
         cache_seconds: float = 5.0,
         max_cached: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
@@ -59,6 +72,7 @@ class DeviceAuthenticator:
         self._pool = pool
         self._box = box
         self._allow_anonymous = allow_anonymous
+        self._allow_activation = allow_activation
         self._cache_seconds = cache_seconds
         self._max_cached = max_cached
         self._clock = clock
@@ -79,6 +93,8 @@ class DeviceAuthenticator:
         def refused(reason: AuthFailureReason) -> AuthResult:
             return AuthResult(False, req.product_key, req.device_key, reason)
 
+        if req.secure_mode == "3":
+            return await self._activate(req, password)
         try:
             credentials = await self._credentials((req.product_key, req.device_key))
         except Exception:
@@ -87,13 +103,61 @@ class DeviceAuthenticator:
             return refused("unavailable")
         if credentials is None:
             return refused("unknown_device")
-        secret, enabled = credentials
-        if not verify_password(req, secret, password):
+        if not verify_password(req, credentials.secret, password):
             return refused("bad_signature")
         # after the signature, so only the device itself can learn that it is disabled
-        if not enabled:
+        if not credentials.enabled:
             return refused("disabled")
+        if not credentials.activated:
+            await self._mark_activated(req.product_key, req.device_key, credentials)
         return AuthResult(True, req.product_key, req.device_key, None)
+
+    async def _activate(self, req: LoginRequest, password: str | None) -> AuthResult:
+        """Secure mode 3: the product secret's signature, the product's policy, then the one atomic activation."""
+
+        def refused(reason: AuthFailureReason) -> AuthResult:
+            return AuthResult(False, req.product_key, req.device_key, reason)
+
+        if not self._allow_activation:
+            return refused("activation_disabled")
+        key = (req.product_key, req.device_key)
+        try:
+            state = await activation.activation_state(self._pool, self._box, *key)
+            # a product without a secret cannot check the signature: activation is off for it
+            if state.product_secret is None:
+                return refused("activation_disabled")
+            if not verify_password(req, state.product_secret, password):
+                return refused("bad_signature")
+            # after the signature: only a holder of the product secret learns about policy and devices
+            if not state.dynamic_activation:
+                return refused("activation_disabled")
+            if state.device_enabled is None:
+                return refused("unknown_device")
+            if not state.device_enabled:
+                return refused("disabled")
+            if state.device_activated:
+                return refused("already_activated")
+            secret = await activation.activate(self._pool, self._box, *key)
+        except Exception:
+            log.exception("auth.activation_unavailable", product=req.product_key, device=req.device_key)
+            return refused("unavailable")
+        if secret is None:
+            return refused("already_activated")  # another connection won the race a moment ago
+        self.forget(*key)
+        log.info("device activated", product=req.product_key, device=req.device_key)
+        return AuthResult(True, req.product_key, req.device_key, None, activated_secret=secret)
+
+    async def _mark_activated(self, product_key: str, device_key: str, credentials: DeviceLogin) -> None:
+        # a device's first secure-mode-2 login closes its secure-mode-3 window; a failure here costs only that
+        try:
+            await activation.mark_activated(self._pool, product_key, device_key)
+        except Exception as exc:
+            log.warning("could not record activation", product=product_key, device=device_key, error=str(exc))
+            return
+        key = (product_key, device_key)
+        cached = self._cache.get(key)
+        if cached is not None and cached[1] is credentials:
+            self._cache[key] = (cached[0], DeviceLogin(credentials.secret, credentials.enabled, True))
 
     def forget(self, product_key: str, device_key: str) -> None:
         """Drop a device's cached credentials (for callers that know the registry just changed)."""
@@ -113,7 +177,7 @@ class DeviceAuthenticator:
 
     async def _fetch(self, key: _Key) -> _Credentials:
         started = self._clock()  # expire from the query's start: the row may change while it runs
-        credentials = await get_credentials(self._pool, self._box, *key)
+        credentials = await activation.device_login(self._pool, self._box, *key)
         self._remember(key, started + self._cache_seconds, credentials)
         return credentials
 

@@ -86,6 +86,9 @@ AuthFailureReason = Literal[
     "bad_signature",
     "unknown_device",
     "disabled",
+    # secure mode 3: activation is off for the product (or it has no secret), or the device already has one
+    "activation_disabled",
+    "already_activated",
     "anonymous_refused",
     "unavailable",
     # the CONNECT's Will names a topic the device may not publish on (service.broker.overrides)

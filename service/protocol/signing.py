@@ -1,6 +1,7 @@
 """EnOS device login: parse the CONNECT fields and check the password a device signed (no I/O).
 
-A device in secure mode 2 sends (reference/enos-protocol.md §2)::
+A device in secure mode 2 sends (reference/enos-protocol.md §2; in secure mode 3 the same, signed with the
+product secret instead)::
 
     clientId = {id}|securemode=2,signmethod=hmacsha256,timestamp=1795466980552.2302|
     username = {deviceKey}&{productKey}
@@ -45,6 +46,10 @@ _HASHES: dict[SignMethod, Callable[[bytes], Any]] = {
     "md5": hashlib.md5,
 }
 
+# 2: signed with the device secret; 3: signed with the product secret, to activate a registered device
+# (service/devices/activation.py). 4 (the integration channel) is not served.
+SECURE_MODES = frozenset({"2", "3"})
+
 MAX_KEY_LENGTH = 128
 # Characters that would make a key ambiguous in a topic (/ + #), in the username (&), in the client id (|),
 # or in C strings (NUL).
@@ -86,8 +91,8 @@ def parse_login(client_id: str, username: str | None) -> LoginRequest:
     for name in ("securemode", "signmethod", "timestamp"):
         if not fields.get(name):
             raise LoginRefused("malformed", f"client id has no {name}")
-    if fields["securemode"] != "2":
-        raise LoginRefused("unsupported_secure_mode", f"securemode={fields['securemode']} (only 2 is supported)")
+    if fields["securemode"] not in SECURE_MODES:
+        raise LoginRefused("unsupported_secure_mode", f"securemode={fields['securemode']} (only 2 and 3 are supported)")
     method = _SIGN_METHODS.get(fields["signmethod"].lower())
     if method is None:
         raise LoginRefused("unsupported_sign_method", f"signmethod={fields['signmethod']}")

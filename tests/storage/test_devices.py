@@ -222,14 +222,14 @@ async def test_anonymous_refused_unless_allowed(
         (None, "dk&pk", "malformed"),
         ("plain-client", "dk&pk", "malformed"),
         ("dk|securemode=2,signmethod=sha256,timestamp=1|", None, "malformed"),
-        ("dk|securemode=3,signmethod=sha256,timestamp=1|", "dk&pk", "unsupported_secure_mode"),
+        ("dk|securemode=4,signmethod=sha256,timestamp=1|", "dk&pk", "unsupported_secure_mode"),
         ("dk|securemode=2,signmethod=sha512,timestamp=1|", "dk&pk", "unsupported_sign_method"),
     ],
 )
 async def test_unreadable_logins_are_refused_with_their_reason(
     pool: asyncpg.Pool, box: SecretBox, client_id: str | None, username: str | None, reason: str
 ) -> None:
-    """A login that is not EnOS secure mode 2 is refused with the parser's reason, even if anonymity is allowed."""
+    """A login that is not EnOS secure mode 2 or 3 is refused with the parser's reason, even if anonymity is allowed."""
     result = await DeviceAuthenticator(pool, box, allow_anonymous=True).authenticate(client_id, username, "00")
     assert (result.ok, result.reason) == (False, reason)
 

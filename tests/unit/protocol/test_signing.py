@@ -124,7 +124,7 @@ def test_username_is_device_key_first() -> None:
         ("dk|securemode=2,timestamp=1|", WIRE_USERNAME, "malformed"),  # no signmethod
         ("dk|securemode=2,signmethod=sha256,timestamp=1,junk|", WIRE_USERNAME, "malformed"),
         ("dk|securemode=2,securemode=2,signmethod=sha256,timestamp=1|", WIRE_USERNAME, "malformed"),
-        ("dk|securemode=3,signmethod=sha256,timestamp=1|", WIRE_USERNAME, "unsupported_secure_mode"),
+        ("dk|securemode=1,signmethod=sha256,timestamp=1|", WIRE_USERNAME, "unsupported_secure_mode"),
         ("dk|securemode=4,signmethod=sha256,timestamp=1|", WIRE_USERNAME, "unsupported_secure_mode"),
         ("dk|securemode=2,signmethod=sha512,timestamp=1|", WIRE_USERNAME, "unsupported_sign_method"),
         ("dk|securemode=2,signmethod=hmacsha512,timestamp=1|", WIRE_USERNAME, "unsupported_sign_method"),
@@ -144,3 +144,11 @@ def test_malformed_logins_are_refused_with_a_reason(client_id: str, username: st
     with pytest.raises(LoginRefused) as caught:
         parse_login(client_id, username)
     assert caught.value.reason == reason
+
+
+def test_secure_mode_3_is_read_like_mode_2() -> None:
+    """A secure-mode-3 login (signed with the product secret) parses with its mode; the signature rule is the same."""
+    client_id = WIRE_CLIENT_ID.replace("securemode=2", "securemode=3")
+    req = parse_login(client_id, WIRE_USERNAME)
+    assert req.secure_mode == "3"
+    assert verify_password(req, WIRE_SECRET, WIRE_PASSWORD)
