@@ -1,4 +1,4 @@
-"""The ``pointgate`` command: serve, migrate, model check, config show, device ….
+"""The ``pointgate`` command: serve, migrate, model check, config show, device …, product ….
 
 Every option is also a ``POINTGATE_<NAME>`` environment variable (through `Settings`); a flag wins over the
 environment, which wins over the TOML file. Operator mistakes end with one clear line on stderr and a
@@ -188,6 +188,9 @@ def _mount_devices() -> None:
     from service.cli.devices import app as devices_app
 
     app.add_typer(devices_app, name="device")
+    from service.cli.products import app as products_app
+
+    app.add_typer(products_app, name="product")
     from service.cli.storage import app as storage_app
 
     app.add_typer(storage_app, name="storage")

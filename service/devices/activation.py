@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from service.devices.registry import Executor, check_key
 from service.devices.secretbox import SecretBox, new_secret
@@ -80,26 +81,42 @@ async def set_product(
     new = secret if secret is not None else generated
     sealed = box.seal(new, aad=product_aad(product_key)) if new is not None else None
     try:
-        row = await conn.fetchrow(
-            """
-            INSERT INTO products AS p (product_key, secret_enc, dynamic_activation)
-            VALUES ($1, $2, coalesce($3, false))
-            ON CONFLICT (product_key) DO UPDATE SET
-                secret_enc = coalesce(EXCLUDED.secret_enc, p.secret_enc),
-                dynamic_activation = coalesce($3, p.dynamic_activation),
-                updated_at = now()
-            RETURNING product_key, secret_enc IS NOT NULL AS has_secret, dynamic_activation
-            """,
-            product_key,
-            sealed,
-            dynamic_activation,
-        )
+        if isinstance(conn, asyncpg.Pool):
+            async with conn.acquire() as acquired:
+                row = await _upsert_product(acquired, product_key, sealed, dynamic_activation)
+        else:
+            row = await _upsert_product(conn, product_key, sealed, dynamic_activation)
     except asyncpg.CheckViolationError:
         raise RegistryError(
             f"product {product_key} has no secret: dynamic activation needs --secret S or --generate-secret"
         ) from None
     assert row is not None
     return Product(row["product_key"], row["has_secret"], row["dynamic_activation"]), generated
+
+
+async def _upsert_product(
+    conn: asyncpg.Connection | PoolConnectionProxy,
+    product_key: str,
+    sealed: bytes | None,
+    dynamic_activation: bool | None,
+) -> asyncpg.Record | None:
+    # two statements in one transaction: an INSERT … ON CONFLICT would check the new row's constraint (policy
+    # without a secret) before noticing the product exists with one; a refusal leaves nothing behind
+    async with conn.transaction():
+        await conn.execute("INSERT INTO products (product_key) VALUES ($1) ON CONFLICT DO NOTHING", product_key)
+        return await conn.fetchrow(
+            """
+            UPDATE products SET
+                secret_enc = coalesce($2, secret_enc),
+                dynamic_activation = coalesce($3, dynamic_activation),
+                updated_at = now()
+            WHERE product_key = $1
+            RETURNING product_key, secret_enc IS NOT NULL AS has_secret, dynamic_activation
+            """,
+            product_key,
+            sealed,
+            dynamic_activation,
+        )
 
 
 async def get_product(conn: Executor, product_key: str) -> Product | None:
