@@ -9,6 +9,7 @@
     ├── RegistryError         an operator's registry request is refused (the CLI prints it, exits non-zero)
     │   ├── DeviceExists      ``add`` of a device that is already registered
     │   ├── DeviceNotFound    the device (or gateway) named is not registered
+    │   ├── TopologyRefused   a sub-device cannot join or leave that gateway (``device topo``, ``thing.topo.*``)
     │   └── InvalidKey        a key that could never appear in a topic or a login (also a ValueError)
     └── ServiceFault          something on our side; logged, counted, retried where that makes sense
         ├── ConfigError       a setting or a file the operator gave us is wrong (exit non-zero)
@@ -75,6 +76,10 @@ class DeviceNotFound(RegistryError):
 
     def __init__(self, product_key: str, device_key: str, *, role: str = "device") -> None:
         super().__init__(f"{role} {product_key}/{device_key} is not registered")
+
+
+class TopologyRefused(RegistryError):
+    """A topology change is refused (another gateway's device, a gateway as a sub-device, …); nothing changed."""
 
 
 class InvalidKey(RegistryError, ValueError):

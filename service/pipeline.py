@@ -6,7 +6,7 @@ stores `Outcome.rows` and only then is the 200 reply sent.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -65,8 +65,15 @@ def handle(
     received_ms: int,
     max_bytes: int,
     sub_device_ok: SubDeviceCheck = allow_all_sub_devices,
+    online: Container[tuple[str, str]] = frozenset(),
 ) -> Outcome:
-    """Decide what a request on ``topic`` becomes."""
+    """Decide what a request on ``topic`` becomes.
+
+    A batch item for another device than the topic's is accepted when that device is ``online`` (logged in
+    through the publishing gateway connection with ``combine.login``), or when the request sets
+    ``allowOfflineSubDevice`` and ``sub_device_ok`` says it is the topic device's sub-device; otherwise the
+    whole request is refused with 1212 (EnOS's rule, reference/enos-protocol.md §8).
+    """
     try:
         request = decode(payload, topic, received_ms=received_ms, max_bytes=max_bytes)
     except DeviceFault as fault:
@@ -78,8 +85,11 @@ def handle(
     for index, item in enumerate(request.items):
         where = f"params[{index}]." if topic.batch else ""
         device = (item.product_key, item.device_key)
-        if device != gateway and not (request.allow_offline_sub_device and sub_device_ok(gateway, device)):
-            # sub-devices never log in here (no combine.login), so they are all "offline"
+        if (
+            device != gateway
+            and device not in online
+            and not (request.allow_offline_sub_device and sub_device_ok(gateway, device))
+        ):
             message = replies.not_a_sub_device(where, device, gateway)
             return Outcome(request.id, ReplyCode.NO_SUB_DEVICE_PERMISSION, message)
         good, issues = _check(item, models)

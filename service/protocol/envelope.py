@@ -229,3 +229,51 @@ def _flag(body: dict[str, Any], name: str, request_id: Any) -> bool:
     raise DeviceFault(
         ReplyCode.BATCH_FORMAT_ERROR, f"{name} must be true or false, got {show(value)}", request_id=request_id
     )
+
+
+def decode_envelope(payload: bytes, method: str, *, max_bytes: int) -> tuple[Any, Any]:
+    """``(id, params)`` of any other request (topology, sub-device sessions) after the common checks.
+
+    The same rules and codes as a measurement-point request's envelope: 1251 empty, 1008 too large, 1220 not a
+    JSON object or an envelope field of the wrong type, 1260 ``method`` not the topic's. ``params`` is returned as
+    sent (None when absent) for the request's own parser to check.
+    """
+    if not payload:
+        raise DeviceFault(ReplyCode.PAYLOAD_EMPTY)
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        if replies.is_too_large(len(payload), max_bytes):
+            raise DeviceFault(ReplyCode.MESSAGE_TOO_LARGE, replies.too_large_detail(len(payload), max_bytes)) from None
+        raise DeviceFault(ReplyCode.PAYLOAD_FORMAT_ERROR, f"payload is not valid JSON ({exc})") from None
+    request_id = body.get("id") if isinstance(body, dict) else None
+    if replies.is_too_large(len(payload), max_bytes):
+        detail = replies.too_large_detail(len(payload), max_bytes)
+        raise DeviceFault(ReplyCode.MESSAGE_TOO_LARGE, detail, request_id=request_id)
+    if not isinstance(body, dict):
+        raise DeviceFault(ReplyCode.PAYLOAD_FORMAT_ERROR, "payload is not a JSON object")
+
+    def refuse(code: ReplyCode, detail: str) -> DeviceFault:
+        return DeviceFault(code, detail, request_id=request_id)
+
+    if request_id is not None and (not isinstance(request_id, str | int) or isinstance(request_id, bool)):
+        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"id must be a string, got {json_type(request_id)}")
+    version = body.get("version")
+    if version is not None and version not in VERSIONS:
+        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f'version must be "1.0" or "1.1", got {show(version)}')
+    sent = body.get("method")
+    if not isinstance(sent, str):
+        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"method must be a string, got {json_type(sent)}")
+    if sent != method:
+        raise refuse(ReplyCode.METHOD_MISMATCH, f"method {sent!r} does not match topic, expected {method!r}")
+    return request_id, body.get("params")
+
+
+def request_id_of(payload: bytes) -> Any:
+    """The ``id`` of a payload, best effort (None when it is not a JSON object with a string or integer id)."""
+    try:
+        body = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    request_id = body.get("id") if isinstance(body, dict) else None
+    return request_id if isinstance(request_id, str | int) and not isinstance(request_id, bool) else None

@@ -34,12 +34,22 @@ class ReplyCode(enum.IntEnum):
     """Codes a device can find in a ``_reply`` message (EnOS's own), with EnOS's wording as ``message``."""
 
     OK = 200
+    TOO_MANY_SUB_DEVICES = 429
+    SUB_DEVICE_NOT_FOUND = 705
+    SUB_DEVICE_DISABLED = 723
+    NOT_SUB_DEVICE_OF_GATEWAY = 740
+    SIGN_CHECK_FAILED = 742
+    DYNAMIC_ACTIVATION_NOT_ALLOWED = 770
     MESSAGE_TOO_LARGE = 1008
+    NO_WRITE_PERMISSION = 1009
+    PARSE_ERROR = 1200
     MODEL_VALIDATE_FAILED = 1204
     BATCH_FORMAT_ERROR = 1206
     NO_SUB_DEVICE_PERMISSION = 1212
     PAYLOAD_FORMAT_ERROR = 1220
     PAYLOAD_EMPTY = 1251
+    TOPO_ADD_FAILED = 1255
+    TOPO_DELETE_FAILED = 1256
     METHOD_MISMATCH = 1260
     INTERNAL_ERROR = 500
 
@@ -55,11 +65,39 @@ class ReplyCode(enum.IntEnum):
 
 
 _TABLE: dict[ReplyCode, tuple[str, str]] = {
-    ReplyCode.OK: ("", "stored (committed)"),
+    ReplyCode.OK: ("", "stored (committed); or the topology / sub-device request done"),
+    ReplyCode.TOO_MANY_SUB_DEVICES: (
+        "Too many requests",
+        "`combine.login`: the gateway already has `max_sub_devices_per_gateway` sub-devices online"
+        " (EnOS documents the limit, not its code; 429 is the SDKs' TOO_MANY_REQUESTS)",
+    ),
+    ReplyCode.SUB_DEVICE_NOT_FOUND: (
+        "It failed to query device, not existed this device",
+        "`combine.login`: the sub-device is not registered",
+    ),
+    ReplyCode.SUB_DEVICE_DISABLED: ("Device is disable", "`combine.login`: the sub-device is disabled"),
+    ReplyCode.NOT_SUB_DEVICE_OF_GATEWAY: (
+        "Sub device not belong the gateway",
+        "`combine.login`: the sub-device is not in this gateway's topology (`thing.topo.add`, `device topo add`)",
+    ),
+    ReplyCode.SIGN_CHECK_FAILED: (
+        "Sign check failed",
+        "`combine.login`: the sub-device's `sign` is not its secret's signature, or `signMethod` is unknown",
+    ),
+    ReplyCode.DYNAMIC_ACTIVATION_NOT_ALLOWED: (
+        "Dynamic activate is not allowed",
+        "`combine.login` with `secureMode` 3 (product secret): sub-devices log in with their device secret",
+    ),
     ReplyCode.MESSAGE_TOO_LARGE: (
         "Msg size is too large, discard the message",
         "payload over `max_payload_bytes` (512 KiB)",
     ),
+    ReplyCode.NO_WRITE_PERMISSION: (
+        "Publish to topic with no write permission",
+        "a request on a device topic pointgate does not serve, a cloud-to-device topic, or a request a gateway"
+        " may not send for its sub-device; never relayed",
+    ),
+    ReplyCode.PARSE_ERROR: ("Parse error", "`thing.topo.get`: `params` is not an object"),
     ReplyCode.MODEL_VALIDATE_FAILED: (
         "Model validate failed",
         "a point is not in the model, or has the wrong type, range or shape; the message names every failing point",
@@ -77,6 +115,16 @@ _TABLE: dict[ReplyCode, tuple[str, str]] = {
         "not JSON, not an object, `NaN`, an envelope field of the wrong type",
     ),
     ReplyCode.PAYLOAD_EMPTY: ("Payload is empty", ""),
+    ReplyCode.TOPO_ADD_FAILED: (
+        "add topo failure",
+        "`thing.topo.add`: a sub-device is unknown, badly signed, the gateway itself, a gateway, or another"
+        " gateway's; or `params` is malformed. Nothing is added",
+    ),
+    ReplyCode.TOPO_DELETE_FAILED: (
+        "Remove topo failure",
+        "`thing.topo.delete`: a device is unknown, not this gateway's sub-device, or online through it; or"
+        " `params` is malformed. Nothing is removed",
+    ),
     ReplyCode.METHOD_MISMATCH: ("Methods not consistent", "`method` does not match the topic"),
     ReplyCode.INTERNAL_ERROR: (
         "Internal error",
@@ -88,9 +136,10 @@ _TABLE: dict[ReplyCode, tuple[str, str]] = {
 # --- encoding -------------------------------------------------------------------------------------
 
 
-def encode(request_id: Any, code: ReplyCode, message: str) -> bytes:
-    """Serialise a reply the way every official SDK can parse it: ``id`` as sent, integer ``code``, ``data`` {}."""
-    return orjson.dumps({"id": request_id, "code": int(code), "message": message, "data": {}})
+def encode(request_id: Any, code: ReplyCode, message: str, data: Any = None) -> bytes:
+    """Serialise a reply the way every official SDK can parse it: ``id`` as sent, integer ``code``, ``data``
+    (``{}`` unless given)."""
+    return orjson.dumps({"id": request_id, "code": int(code), "message": message, "data": {} if data is None else data})
 
 
 # --- messages -------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -142,6 +142,25 @@ def expected_password(req: LoginRequest, secret: str) -> str:
     )
     digest: str = _HASHES[req.sign_method](content.encode("utf-8")).hexdigest()
     return digest.lower()
+
+
+def sign_method(name: str) -> SignMethod | None:
+    """The digest a ``signMethod`` name stands for (any SDK spelling, any case), or None if unknown."""
+    return _SIGN_METHODS.get(name.lower())
+
+
+def signature(fields: Mapping[str, str], secret: str, method: SignMethod) -> str:
+    """EnOS's signature of ``fields`` (a sub-device login, a topology add): the lower-case hex digest of every
+    name and value in byte-wise name order, then the secret (the same rule as a CONNECT password)."""
+    content = "".join(name + fields[name] for name in sorted(fields)) + secret
+    digest: str = _HASHES[method](content.encode("utf-8")).hexdigest()
+    return digest.lower()
+
+
+def verify_signature(fields: Mapping[str, str], secret: str, method: SignMethod, sign: str) -> bool:
+    """Whether ``sign`` is the signature of ``fields`` under ``secret`` (any hex case, constant time)."""
+    expected = signature(fields, secret, method).encode("ascii")
+    return hmac.compare_digest(expected, sign.lower().encode("utf-8", "replace"))
 
 
 def verify_password(req: LoginRequest, secret: str, password: str | None) -> bool:

@@ -101,6 +101,18 @@ def test_sub_device_needs_the_flag_and_the_policy() -> None:
     assert denied.code is ReplyCode.NO_SUB_DEVICE_PERMISSION
 
 
+def test_logged_in_sub_device_needs_no_flag() -> None:
+    """An item for a sub-device logged in through the publishing connection is accepted without the flag; an
+    item for one that is not still needs it (1212), whatever the other items are."""
+    items = [{"deviceKey": "sub", "measurepoints": {"temp": 1.0}, "time": 1}]
+    online = {("pk", "sub")}
+    accepted = decide(BATCH, batch(items), online=online, sub_device_ok=lambda gateway, device: False)
+    assert accepted.accepted and [row.device_key for row in accepted.rows] == ["sub"]
+    mixed = [*items, {"deviceKey": "offline", "measurepoints": {"temp": 2.0}, "time": 1}]
+    refused = decide(BATCH, batch(mixed), online=online, sub_device_ok=lambda gateway, device: True)
+    assert refused.code is ReplyCode.NO_SUB_DEVICE_PERMISSION and "pk/offline" in refused.message
+
+
 def test_reply_names_at_most_the_cap_of_issues() -> None:
     """A request with many bad points gets a reply that names the first MAX_ISSUES_IN_REPLY and counts the rest."""
     points = {f"p{index}": 1 for index in range(MAX_ISSUES_IN_REPLY + 10)}

@@ -8,7 +8,15 @@ from typing import Any
 import pytest
 
 from service.errors import DeviceFault
-from service.protocol.envelope import MAX_TIME_MS, Item, Request, decode, decode_event
+from service.protocol.envelope import (
+    MAX_TIME_MS,
+    Item,
+    Request,
+    decode,
+    decode_envelope,
+    decode_event,
+    request_id_of,
+)
 from service.protocol.replies import ReplyCode
 from service.protocol.topics import RequestTopic, parse_event_topic, parse_request_topic
 
@@ -186,3 +194,29 @@ def test_event_time_follows_the_point_rule(time_value: object, words: str) -> No
     with pytest.raises(DeviceFault) as point:
         run(single(params={"measurepoints": {}, "time": time_value}))
     assert words in event.value.text and event.value.text == point.value.text
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"", ReplyCode.PAYLOAD_EMPTY),
+        (b"{nope", ReplyCode.PAYLOAD_FORMAT_ERROR),
+        (b"[1]", ReplyCode.PAYLOAD_FORMAT_ERROR),
+        (b'{"id": true, "method": "combine.login"}', ReplyCode.PAYLOAD_FORMAT_ERROR),
+        (b'{"id": "1", "version": "2.0", "method": "combine.login"}', ReplyCode.PAYLOAD_FORMAT_ERROR),
+        (b'{"id": "1"}', ReplyCode.PAYLOAD_FORMAT_ERROR),
+        (b'{"id": "1", "method": "combine.logout"}', ReplyCode.METHOD_MISMATCH),
+        (b'{"id": "1", "method": "combine.login", "pad": "' + b"x" * LIMIT + b'"}', ReplyCode.MESSAGE_TOO_LARGE),
+    ],
+)
+def test_generic_envelope_refusals(payload: bytes, code: ReplyCode) -> None:
+    """Other requests' envelopes get the measurement points' codes: 1251, 1220, 1260, 1008."""
+    with pytest.raises(DeviceFault) as caught:
+        decode_envelope(payload, "combine.login", max_bytes=LIMIT)
+    assert caught.value.code is code
+
+
+def test_generic_envelope_returns_id_and_params_as_sent() -> None:
+    """A good envelope gives back its id verbatim and its params unchecked (None when absent)."""
+    body = b'{"id": "9", "version": "1.1", "method": "thing.topo.get"}'
+    assert decode_envelope(body, "thing.topo.get", max_bytes=LIMIT) == ("9", None)
+    assert request_id_of(b'{"id": 3}') == 3
+    assert [request_id_of(p) for p in (b"x", b"[]", b'{"id": [1]}', b'{"id": true}')] == [None] * 4

@@ -15,12 +15,22 @@ def test_codes_are_enos_numbers_with_enos_wording() -> None:
     """Each code keeps EnOS's number and fixed text; only 200 has an empty message."""
     assert {int(code): code.message for code in ReplyCode} == {
         200: "",
+        429: "Too many requests",
+        705: "It failed to query device, not existed this device",
+        723: "Device is disable",
+        740: "Sub device not belong the gateway",
+        742: "Sign check failed",
+        770: "Dynamic activate is not allowed",
         1008: "Msg size is too large, discard the message",
+        1009: "Publish to topic with no write permission",
+        1200: "Parse error",
         1204: "Model validate failed",
         1206: "Measurepoint post data format error",
         1212: "No sub-device permission",
         1220: "Payload format error",
         1251: "Payload is empty",
+        1255: "add topo failure",
+        1256: "Remove topo failure",
         1260: "Methods not consistent",
         500: "Internal error",
     }
@@ -31,6 +41,12 @@ def test_encode_echoes_the_id_as_sent_with_an_integer_code_and_empty_data() -> N
     for request_id in ("123", 7, None):
         body = json.loads(replies.encode(request_id, ReplyCode.MODEL_VALIDATE_FAILED, "why"))
         assert body == {"id": request_id, "code": 1204, "message": "why", "data": {}}
+
+
+def test_encode_carries_the_data_given() -> None:
+    """A reply with data (topology, batch login) keeps it as given; without, data is {}."""
+    body = json.loads(replies.encode("9", ReplyCode.OK, "", [{"productKey": "p", "deviceKey": "d"}]))
+    assert body == {"id": "9", "code": 200, "message": "", "data": [{"productKey": "p", "deviceKey": "d"}]}
 
 
 def test_message_is_enos_wording_then_the_reason() -> None:
@@ -118,4 +134,4 @@ def test_markdown_table_has_one_row_per_code_in_table_order() -> None:
     lines = replies.markdown_table().splitlines()
     assert lines[0] == "| code | message | when |"
     assert [line.split("|")[1].strip() for line in lines[2:]] == [str(int(code)) for code in ReplyCode]
-    assert lines[2] == "| 200 | | stored (committed) |"
+    assert lines[2] == "| 200 | | stored (committed); or the topology / sub-device request done |"

@@ -7,7 +7,14 @@ import hashlib
 import pytest
 
 from service.errors import LoginRefused
-from service.protocol.signing import expected_password, parse_login, verify_password
+from service.protocol.signing import (
+    expected_password,
+    parse_login,
+    sign_method,
+    signature,
+    verify_password,
+    verify_signature,
+)
 
 WIRE_CLIENT_ID = "dkTest01|securemode=2,signmethod=hmacsha256,timestamp=1795466980552.2302|"
 WIRE_USERNAME = "dkTest01&pkTest01"
@@ -152,3 +159,25 @@ def test_secure_mode_3_is_read_like_mode_2() -> None:
     req = parse_login(client_id, WIRE_USERNAME)
     assert req.secure_mode == "3"
     assert verify_password(req, WIRE_SECRET, WIRE_PASSWORD)
+
+
+def sign_content(algorithm: str, content: str) -> str:
+    return hashlib.new(algorithm, content.encode()).hexdigest()
+
+
+def test_sub_device_signature_is_the_connect_rule_over_any_fields() -> None:
+    """The generic signature equals a CONNECT password for the same four fields, and takes extra ones in order."""
+    fields = {"clientId": "dkTest01", "deviceKey": "dkTest01", "productKey": "pkTest01"}
+    fields["timestamp"] = "1795466980552.2302"
+    assert signature(fields, WIRE_SECRET, "sha256") == WIRE_PASSWORD
+    assert verify_signature(fields, WIRE_SECRET, "sha256", WIRE_PASSWORD.upper())
+    assert not verify_signature(fields, "other", "sha256", WIRE_PASSWORD)
+    assert not verify_signature(fields, WIRE_SECRET, "sha256", "ünïcode")
+    extra = fields | {"cleanSession": "true"}
+    content = "cleanSessiontrue" + "".join(k + fields[k] for k in sorted(fields)) + WIRE_SECRET
+    assert signature(extra, WIRE_SECRET, "sha1") == sign_content("sha1", content)
+
+
+def test_sign_method_names() -> None:
+    """Every SDK spelling of a sign method, any case; unknown ones are None."""
+    assert [sign_method(n) for n in ("hmacSha1", "SHA256", "hmacmd5", "sha512")] == ["sha1", "sha256", "md5", None]
