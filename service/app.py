@@ -26,8 +26,10 @@ from service import __version__
 from service.broker.config import broker_config
 from service.broker.connection import Limits
 from service.broker.events import EventIngest
+from service.broker.gateways import Gateways, SubDeviceSessions
 from service.broker.ingest import Ingest
 from service.broker.overrides import PointgateBroker, SessionEvents
+from service.broker.requests import Requests, handlers
 from service.devices import registry
 from service.devices.auth import DeviceAuthenticator
 from service.devices.brokerauth import AuthServer, check_auth_settings, endpoints
@@ -88,6 +90,7 @@ class Service:
         self._pool: asyncpg.Pool | None = None
         self._migrator: asyncio.Task[None] | None = None
         self._topology: asyncio.Task[None] | None = None
+        self.gateways: Gateways | None = None
 
     @property
     def mqtt_port(self) -> int:
@@ -144,8 +147,15 @@ class Service:
         broker.ingest = ingest = Ingest(writer, models, max_payload_bytes=settings.max_payload_bytes)
         broker.events = EventIngest(event_writer, models, max_payload_bytes=settings.max_payload_bytes)
         broker.points = writer  # while the writer is full, devices' sockets are not read
+        # topology and sub-device sessions; every other request on a device topic is answered 1009
+        sessions = SubDeviceSessions(settings.max_sub_devices_per_gateway)
+        broker.gateway_sessions = sessions
+        self.gateways = gateways = Gateways(
+            pool, box, sessions, ingest=ingest, max_payload_bytes=settings.max_payload_bytes
+        )
+        broker.requests = Requests(handlers(gateways))
         self._migrator = asyncio.create_task(_migrate_when_reachable(dsn, state))
-        self._topology = asyncio.create_task(_refresh_sub_devices(pool, ingest, state))
+        self._topology = asyncio.create_task(_refresh_sub_devices(pool, ingest, sessions, state))
         writer.start()
         event_writer.start()
         # give migrations a moment, so a healthy start logs "started" with the schema in place; a database
@@ -244,6 +254,8 @@ class Service:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self.gateways is not None:
+            await self.gateways.close()
         await writer.close()
         await event_writer.close()
         if self._pool is not None:
@@ -301,13 +313,16 @@ async def _migrate_when_reachable(dsn: str, state: _State) -> None:
             await asyncio.sleep(_DB_RETRY_SECONDS)
 
 
-async def _refresh_sub_devices(pool: asyncpg.Pool, ingest: Ingest, state: _State) -> None:
+async def _refresh_sub_devices(pool: asyncpg.Pool, ingest: Ingest, sessions: SubDeviceSessions, state: _State) -> None:
     # the pipeline is pure and synchronous, so it consults a snapshot of the gateway relations rather
-    # than the database; a registry change takes effect within one refresh period
+    # than the database; a registry change takes effect within one refresh period, and so does the end of
+    # a sub-device session whose sub-device was disabled or left the gateway's topology
     while True:
         if state.migrated:
             try:
-                ingest.sub_devices = await registry.sub_device_pairs(pool)
+                mark = sessions.mark()
+                ingest.sub_devices = pairs = await registry.sub_device_pairs(pool)
+                sessions.prune(pairs, mark)
             except Exception as exc:
                 log.warning("could not refresh sub-devices", error=str(exc) or type(exc).__name__)
         await asyncio.sleep(_TOPOLOGY_REFRESH_SECONDS)

@@ -164,6 +164,9 @@ class Settings(BaseSettings):
     max_subscriptions: int = Field(100, ge=1, description="subscriptions one session may hold")
     max_wildcard_subscriptions: int = Field(10, ge=0, description="subscriptions with + or # one session may hold")
     max_qos2_inflight: int = Field(16, ge=1, le=65535, description="QoS 2 messages one connection may have unreleased")
+    max_sub_devices_per_gateway: int = Field(
+        200, ge=1, le=100_000, description="sub-devices one gateway connection may have logged in (combine.login)"
+    )
     session_expiry: float = Field(
         86400.0, gt=0, description="seconds a persistent session outlives its device's last connection"
     )

@@ -179,3 +179,41 @@ def test_main_cli_flags_reach_the_device_commands(env: dict[str, str]) -> None:
     assert json.loads(added.stdout)["deviceKey"] == "dk1"
     listed = CliRunner().invoke(main_app, ["--database-url", dsn, "device", "list", "--json"], env=broken)
     assert [d["deviceKey"] for d in json.loads(listed.stdout)] == ["dk1"]
+
+
+def test_topo_add_get_delete(env: dict[str, str]) -> None:
+    """topo add attaches sub-devices, get lists them (text and JSON), delete detaches them."""
+    for dk in ("gw", "s1", "s2"):
+        assert run(env, "add", "pk", dk).exit_code == 0
+    added = run(env, "topo", "add", "pk/gw", "pk/s1", "pk/s2")
+    assert added.exit_code == 0, added.output
+    listed = run(env, "topo", "get", "pk/gw")
+    assert listed.stdout.splitlines() == ["pk/s1", "pk/s2"]
+    as_json = json.loads(run(env, "topo", "get", "pk/gw", "--json").stdout)
+    assert as_json == [{"productKey": "pk", "deviceKey": "s1"}, {"productKey": "pk", "deviceKey": "s2"}]
+    assert run(env, "topo", "delete", "pk/gw", "pk/s1").exit_code == 0
+    assert run(env, "topo", "get", "pk/gw").stdout.splitlines() == ["pk/s2"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["topo", "add", "pk/gw", "pk/s1", "pk/theirs"], "pk/theirs is a sub-device of another gateway, pk/gw2"),
+        (["topo", "add", "pk/gw", "pk/gw"], "pk/gw is the gateway itself"),
+        (["topo", "add", "pk/gw", "pk/ghost"], "device pk/ghost is not registered"),
+        (["topo", "add", "pk/s1", "pk/gw"], "pk/gw is a gateway (it has sub-devices)"),
+        (["topo", "delete", "pk/gw", "pk/s1"], "pk/s1 is not a sub-device of pk/gw"),
+        (["topo", "get", "pk/nope"], "gateway pk/nope is not registered"),
+    ],
+)
+def test_topo_refusals_are_one_line_and_change_nothing(env: dict[str, str], args: list[str], message: str) -> None:
+    """A topology change that cannot be made fails with one line, exit 1, and leaves every relation as it was."""
+    for dk in ("gw", "gw2", "s1"):
+        assert run(env, "add", "pk", dk).exit_code == 0
+    assert run(env, "add", "pk", "theirs", "--gateway", "pk/gw2").exit_code == 0
+    assert run(env, "add", "pk", "mine", "--gateway", "pk/gw").exit_code == 0
+    result = run(env, *args)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"error: {message}"
+    assert run(env, "topo", "get", "pk/gw").stdout.splitlines() == ["pk/mine"]
+    assert run(env, "topo", "get", "pk/gw2").stdout.splitlines() == ["pk/theirs"]

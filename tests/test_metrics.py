@@ -24,6 +24,8 @@ EXPECTED = {
     "pointgate_auth_failures": ("counter", {"reason"}),
     "pointgate_acl_denials": ("counter", {"action"}),
     "pointgate_replies": ("counter", {"code"}),
+    "pointgate_requests": ("counter", {"route", "code"}),
+    "pointgate_sub_devices_online": ("gauge", set()),
     "pointgate_models_loaded": ("gauge", set()),
     "pointgate_build_info": ("gauge", {"version"}),
     "pointgate_draining": ("gauge", set()),

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Container
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -36,11 +37,14 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from service.broker import acl
 from service.ops import metrics
 from service.ops.logs import get_logger
+from service.protocol import replies
+from service.protocol.replies import ReplyCode
 from service.protocol.topics import (
+    DeviceRequest,
     EventTopic,
     RequestTopic,
-    parse_event_topic,
-    parse_request_topic,
+    parse_topic,
+    topic_device,
     valid_filter,
     valid_topic,
 )
@@ -60,6 +64,7 @@ PINGRESP_PACKET = b"\xd0\x00"
 # an oversized PUBLISH up to this many times the limit is read past (and answered 1008); beyond it, closed
 SKIP_FACTOR = 8
 _UNPARSED: Any = object()
+_NO_SUB_DEVICES: frozenset[tuple[str, str]] = frozenset()
 # remaining length's largest encodable value [MQTT-2.2.3]
 MAX_REMAINING_LENGTH = 268_435_455
 
@@ -80,7 +85,14 @@ class RequestHandler(Protocol):
     """Where a measurement-point request goes (service/broker/ingest.py `Ingest`)."""
 
     def accept(
-        self, topic: RequestTopic, payload: bytes, ticket: Ticket, *, device: acl.Identity, client_id: str
+        self,
+        topic: RequestTopic,
+        payload: bytes,
+        ticket: Ticket,
+        *,
+        device: acl.Identity,
+        client_id: str,
+        online: Container[tuple[str, str]] = ...,
     ) -> None:
         """Decide on a request; answer ``ticket`` now (refused) or once its rows are committed."""
 
@@ -100,11 +112,19 @@ class EventHandler(Protocol):
         """Answer an event post whose packet exceeded the size limit."""
 
 
+class RequestRouter(Protocol):
+    """Where every other request on a device's topics goes (service/broker/requests.py `Requests`)."""
+
+    def accept(self, request: DeviceRequest, payload: bytes, ticket: Ticket, caller: Any) -> None:
+        """Answer ``request`` through ``ticket``: its handler's answer, or 1009."""
+
+
 class Hub(Protocol):
     """What a connection needs from the broker (overrides.PointgateBroker)."""
 
     ingest: RequestHandler | None
     events: EventHandler | None
+    requests: RequestRouter | None
 
     def deliver(self, topic: str, data: bytes, qos: int) -> None:
         """Hand a message to every session subscribed to ``topic``."""
@@ -238,7 +258,9 @@ class Connection(BrokerProtocolHandler):
         self._out_id = 0  # packet ids of our QoS 1 deliveries
         self._qos2: dict[int, tuple[str, bytes, bool]] = {}
         # a device uses a handful of topics, parsed once
-        self._requests: dict[str, RequestTopic | EventTopic | None] = {}
+        self._requests: dict[str, RequestTopic | EventTopic | DeviceRequest | None] = {}
+        # sub-devices logged in through this (gateway) connection: their topics are its own (service/broker/gateways.py)
+        self.sub_devices: set[tuple[str, str]] | frozenset[tuple[str, str]] = _NO_SUB_DEVICES
 
     # --- life cycle ----------------------------------------------------------------------------------
     def begin(self, session: Session, connack: bytes) -> None:
@@ -501,7 +523,7 @@ class Connection(BrokerProtocolHandler):
                 raise ProtocolViolation("PUBLISH with packet identifier 0 [MQTT-2.3.1-1]")
         if not valid_topic(topic):
             raise ProtocolViolation(f"invalid publish topic {topic!r}")
-        if not acl.may_publish(self.identity, topic):
+        if not acl.may_publish(self.identity, topic) and not self._sub_device_topic(topic):
             metrics.ACL_DENIALS.labels(action="publish").inc()
             raise ProtocolViolation(f"publish outside own topics {topic!r}")
         payload = bytes(buf[at:end])
@@ -512,13 +534,15 @@ class Connection(BrokerProtocolHandler):
         if request is _UNPARSED:
             if len(requests) >= 16:
                 requests.clear()
-            request = requests[topic] = parse_request_topic(topic) or parse_event_topic(topic)
+            request = requests[topic] = parse_topic(topic)
         if isinstance(request, RequestTopic) and ingest is not None:
             if qos == 2:
                 raise LimitExceeded("qos2_request", "QoS 2 on a request topic (the SDKs use QoS 1)")
             ticket = _Ticket(self, packet_id or None, request.reply_topic)
             self._pending.append(ticket)
-            ingest.accept(request, payload, ticket, device=self.identity, client_id=self.client_id)
+            ingest.accept(
+                request, payload, ticket, device=self.identity, client_id=self.client_id, online=self.sub_devices
+            )
             return
         # after the measurement-point branch, so that hot path pays nothing for events
         if isinstance(request, EventTopic) and hub.events is not None:
@@ -528,6 +552,15 @@ class Connection(BrokerProtocolHandler):
             ticket = _Ticket(self, packet_id or None, request.reply_topic)
             self._pending.append(ticket)
             hub.events.accept(request, payload, ticket, device=self.identity, client_id=self.client_id)
+            return
+        if request is not None and self._routed(request):
+            # every other request on a device's topics is answered (its handler, or 1009) and relayed nowhere
+            if qos == 2:
+                raise LimitExceeded("qos2_request", "QoS 2 on a request topic (the SDKs use QoS 1)")
+            assert isinstance(request, DeviceRequest) and hub.requests is not None
+            ticket = _Ticket(self, packet_id or None, request.reply_topic)
+            self._pending.append(ticket)
+            hub.requests.accept(request, payload, ticket, self)
             return
         if qos == 2:
             if packet_id not in self._qos2:
@@ -543,6 +576,22 @@ class Connection(BrokerProtocolHandler):
             ticket = _Ticket(self, packet_id, None)
             ticket.done = True  # nothing to wait for, but its PUBACK keeps its place behind earlier requests
             self._pending.append(ticket)
+
+    def _routed(self, request: RequestTopic | EventTopic | DeviceRequest) -> bool:
+        """Whether a non-measurement-point ``request`` goes to the request router (not relayed as plain MQTT).
+
+        A device's answer on a ``_reply`` topic (to a cloud-to-device message) is relayed, unless a route serves it.
+        """
+        return (
+            isinstance(request, DeviceRequest)
+            and self.hub.requests is not None
+            and (request.route is not None or request.reply_topic is not None)
+        )
+
+    def _sub_device_topic(self, topic: str) -> bool:
+        """Whether ``topic`` lies in the tree of a sub-device logged in through this connection (the slow path:
+        only a publish outside the device's own trees gets here)."""
+        return bool(self.sub_devices) and topic_device(topic) in self.sub_devices
 
     def _release(self, packet_id: int) -> None:
         message = self._qos2.pop(packet_id, None)
@@ -629,7 +678,7 @@ class Connection(BrokerProtocolHandler):
         if not valid_topic(topic):
             # as for a PUBLISH of normal size; and never answer (1008) on a topic with wildcards
             raise ProtocolViolation(f"invalid publish topic {topic!r}")
-        if not acl.may_publish(self.identity, topic):
+        if not acl.may_publish(self.identity, topic) and not self._sub_device_topic(topic):
             metrics.ACL_DENIALS.labels(action="publish").inc()
             raise ProtocolViolation(f"publish outside own topics {topic!r}")
         if qos == 2:
@@ -639,14 +688,19 @@ class Connection(BrokerProtocolHandler):
             raise ProtocolViolation("PUBLISH with packet identifier 0 [MQTT-2.3.1-1]")
         end = index + length
         log.info("oversized publish skipped", client_id=self.client_id, bytes=length)
-        request = parse_request_topic(topic) or parse_event_topic(topic)
+        request = parse_topic(topic)
         ingest, events = self.hub.ingest, self.hub.events
-        ticket = _Ticket(self, packet_id or None, request.reply_topic if request is not None else None)
+        reply_topic = request.reply_topic if request is not None else None
+        ticket = _Ticket(self, packet_id or None, reply_topic)
         self._pending.append(ticket)
         if isinstance(request, RequestTopic) and ingest is not None:
             ingest.reject_oversize(request, length, ticket, client_id=self.client_id)
         elif isinstance(request, EventTopic) and events is not None:
             events.reject_oversize(request, length, ticket, client_id=self.client_id)
+        elif request is not None and reply_topic is not None and self._routed(request):
+            detail = replies.too_large(length, self.limits.max_packet_bytes, what="packet")
+            metrics.REPLIES.labels(code=str(int(ReplyCode.MESSAGE_TOO_LARGE))).inc()
+            ticket.answer(replies.encode(None, ReplyCode.MESSAGE_TOO_LARGE, detail))
         else:
             ticket.done = True
         if end > size:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from functools import partial
 from typing import Any, Protocol
 
@@ -75,8 +75,21 @@ class Ingest:
     def _registered_sub_device(self, gateway: tuple[str, str], sub_device: tuple[str, str]) -> bool:
         return (gateway, sub_device) in self.sub_devices
 
-    def accept(self, topic: RequestTopic, payload: bytes, ticket: Ticket, *, device: Identity, client_id: str) -> None:
-        """Decide on one request; answer it now (refused) or after its rows are committed (accepted)."""
+    def accept(
+        self,
+        topic: RequestTopic,
+        payload: bytes,
+        ticket: Ticket,
+        *,
+        device: Identity,
+        client_id: str,
+        online: Container[tuple[str, str]] = frozenset(),
+    ) -> None:
+        """Decide on one request; answer it now (refused) or after its rows are committed (accepted).
+
+        ``online``: the sub-devices logged in through the publishing connection (their batch items need no
+        ``allowOfflineSubDevice``).
+        """
         outcome = handle(
             topic,
             payload,
@@ -86,6 +99,7 @@ class Ingest:
             # a signed-in gateway writes only for sub-devices registered under it; anonymous sessions
             # (development mode) have no identity to check, so the request's own flag decides
             sub_device_ok=allow_all_sub_devices if device is None else self._registered_sub_device,
+            online=online,
         )
         if not outcome.accepted:
             self._log_rejection(client_id, topic, outcome.code, outcome.message)

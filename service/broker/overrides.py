@@ -40,6 +40,12 @@ Workers (``serve --workers N``, service/supervisor.py):
   W1  ``session_events`` hears each device session begin and end, and `PointgateBroker.evict_session` closes a
       session that reconnected on another worker: take-over across processes, relayed by the supervisor.
   W2  with ``reuse_port`` the TCP listeners bind with SO_REUSEPORT, so every worker listens on the same port.
+
+Gateways (issue 12, service/broker/gateways.py):
+  G1  a sub-device logged in through a gateway connection lends it its topics: the gateway may subscribe to
+      them (subscription limits count per tree) and receives what is delivered on them while the session lasts.
+      Its subscriptions there outlive the session (the SDKs cache what they subscribed), but deliver nothing
+      until the sub-device is logged in again: delivery checks the session every time.
 """
 
 from __future__ import annotations
@@ -62,11 +68,18 @@ from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
 from service.broker import acl
-from service.broker.connection import Connection, EventHandler, LimitExceeded, Limits, RequestHandler
+from service.broker.connection import (
+    Connection,
+    EventHandler,
+    LimitExceeded,
+    Limits,
+    RequestHandler,
+    RequestRouter,
+)
 from service.broker.subscriptions import TopicIndex
 from service.ops import metrics
 from service.protocol.activation import activate_info, activate_info_topic
-from service.protocol.topics import valid_filter, valid_topic
+from service.protocol.topics import topic_device, valid_filter, valid_topic
 
 if TYPE_CHECKING:
     from amqtt.adapters import ReaderAdapter, WriterAdapter
@@ -280,6 +293,8 @@ class PointgateBroker(Broker):
         self.session_expiry = session_expiry
         self.ingest: RequestHandler | None = None
         self.events: EventHandler | None = None  # event posts (service.broker.events.EventIngest)
+        self.requests: RequestRouter | None = None  # every other device request (service/broker/requests.py)
+        self.gateway_sessions: Any = None  # service.broker.gateways.SubDeviceSessions (G1)
         # where the ingest's points go (service.storage.writer.PointWriter): while it is full, connections stop
         # reading requests, so the queue in front of PostgreSQL stays bounded whatever the number of devices
         self.points: Any = None
@@ -431,6 +446,8 @@ class PointgateBroker(Broker):
                     self.retain(topic, data, client_session.will_qos or 0)
         if client_session.transitions.state == "connected":
             client_session.transitions.disconnect()
+        if self.gateway_sessions is not None and isinstance(handler, Connection) and handler.sub_devices:
+            self.gateway_sessions.closed(handler)  # G1: its sub-devices' sessions end with it
         metrics.CONNECTED_DEVICES.dec()
         if self.session_events is not None:  # W1
             self.session_events.disconnected(client_session.client_id, handler, client_session.clean_session)
@@ -470,7 +487,9 @@ class PointgateBroker(Broker):
         """Add (or update) a subscription; the granted QoS, or 0x80. Raises `LimitExceeded`."""
         if not valid_filter(topic_filter):
             return 0x80
-        if not acl.may_subscribe(_identity(session), topic_filter):
+        identity = _identity(session)
+        lent = not acl.may_subscribe(identity, topic_filter)
+        if lent and not self._lent(session, topic_filter):
             metrics.ACL_DENIALS.labels(action="subscribe").inc()
             return 0x80
         granted = min(qos, 1)
@@ -482,10 +501,17 @@ class PointgateBroker(Broker):
             own[topic_filter] = granted
             return granted
         limits = self.limits
-        if len(own) >= limits.max_subscriptions:
+        # G1: the limits hold per tree: the device's own, and each sub-device's it was lent
+        peers: Any = own
+        if lent:
+            tree = topic_device(topic_filter)
+            peers = [f for f in own if not acl.owns(identity, f) and topic_device(f) == tree]
+        elif len(own) >= limits.max_subscriptions:
+            peers = [f for f in own if acl.owns(identity, f)]
+        if len(peers) >= limits.max_subscriptions:
             raise LimitExceeded("subscriptions", f"more than {limits.max_subscriptions} subscriptions")
         if ("+" in topic_filter or "#" in topic_filter) and sum(
-            1 for f in own if "+" in f or "#" in f
+            1 for f in peers if "+" in f or "#" in f
         ) >= limits.max_wildcard_subscriptions:
             raise LimitExceeded(
                 "wildcard_subscriptions", f"more than {limits.max_wildcard_subscriptions} wildcard subscriptions"
@@ -536,7 +562,7 @@ class PointgateBroker(Broker):
         """Fan a message out to every subscriber now (B7, B8): into each connection's next write."""
         for topic_filter in self._index.match(topic):
             for target, sub_qos in self._subscriptions.get(topic_filter, ()):
-                if not acl.may_receive(_identity(target), topic):
+                if not acl.may_receive(_identity(target), topic) and not self._lent(target, topic):
                     continue
                 delivered = min(qos, sub_qos)
                 if target.transitions.state == "connected":
@@ -545,6 +571,17 @@ class PointgateBroker(Broker):
                         handler.send(topic, data, delivered)
                 elif not target.clean_session and delivered > 0 and not target.is_anonymous:
                     self._queue_offline(target, topic, data, delivered)
+
+    # G1 ------------------------------------------------------------------------------------------------
+    def _lent(self, session: Session, topic: str) -> bool:
+        """Whether ``topic`` (or a filter) is in the tree of a sub-device logged in through ``session``'s connection.
+
+        Only reached when the plain ACL said no, i.e. for a gateway's sub-device traffic.
+        """
+        handler = self._sessions.get(session.client_id, (None, None))[1]
+        if not isinstance(handler, Connection) or not handler.sub_devices or handler.closing:
+            return False
+        return topic_device(topic) in handler.sub_devices
 
     def _queue_offline(self, session: Session, topic: str, data: bytes, qos: int) -> None:
         if not isinstance(session, PointgateSession):

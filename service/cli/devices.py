@@ -17,7 +17,7 @@ import typer
 
 from service.devices import registry as devices
 from service.devices.secretbox import SecretBox, key_path, load_or_create_key
-from service.errors import ConfigError, PointgateError
+from service.errors import ConfigError, DeviceNotFound, PointgateError
 from service.resources import migrations_dir
 from service.settings import Settings, load_settings
 from service.storage import database
@@ -114,6 +114,71 @@ def rotate(
     """Give a device a new secret and print it; the old secret stops working."""
     new = _run(ctx, lambda conn, box: devices.rotate_secret(conn, box(), product_key, device_key, secret=secret))
     _print_secret(product_key, device_key, new, as_json=as_json, what="new secret for")
+
+
+topo_app = typer.Typer(
+    help="A gateway's topology: which sub-devices report through it (as thing.topo.* over MQTT).",
+    no_args_is_help=True,
+)
+app.add_typer(topo_app, name="topo")
+
+GatewayArg = Annotated[str, typer.Argument(metavar="GATEWAY", help="the gateway, PRODUCT_KEY/DEVICE_KEY")]
+SubDevicesArg = Annotated[list[str], typer.Argument(metavar="SUB_DEVICE...", help="PRODUCT_KEY/DEVICE_KEY each")]
+
+
+def _keys(values: list[str]) -> list[tuple[str, str]]:
+    keys = [_parse_key(value) for value in values]
+    if len(set(keys)) != len(keys):
+        raise typer.BadParameter("a sub-device is named twice")
+    return keys
+
+
+def _parse_key(value: str) -> tuple[str, str]:
+    keys = _parse_gateway(value)
+    assert keys is not None
+    return keys
+
+
+@topo_app.command("add")
+def topo_add(ctx: typer.Context, gateway: GatewayArg, sub_devices: SubDevicesArg) -> None:
+    """Make devices sub-devices of GATEWAY: all of them, or none (one of another gateway, the gateway itself…)."""
+    gateway_keys, keys = _parse_key(gateway), _keys(sub_devices)
+
+    async def attach(conn: asyncpg.Connection, _box: Callable[[], SecretBox]) -> None:
+        await devices.attach_sub_devices(conn, gateway_keys, keys)
+
+    _run(ctx, attach)
+    typer.echo(f"{gateway}: added {' '.join(sub_devices)}")
+
+
+@topo_app.command("get")
+def topo_get(ctx: typer.Context, gateway: GatewayArg, as_json: JsonOpt = False) -> None:
+    """List GATEWAY's sub-devices, one PRODUCT_KEY/DEVICE_KEY a line."""
+    gateway_keys = _parse_key(gateway)
+
+    async def read(conn: asyncpg.Connection, _box: Callable[[], SecretBox]) -> list[tuple[str, str]]:
+        if await devices.get_device(conn, *gateway_keys) is None:
+            raise DeviceNotFound(*gateway_keys, role="gateway")
+        return await devices.sub_devices_of(conn, gateway_keys)
+
+    found = _run(ctx, read)
+    if as_json:
+        typer.echo(json.dumps([{"productKey": pk, "deviceKey": dk} for pk, dk in found]))
+        return
+    for pk, dk in found:
+        typer.echo(f"{pk}/{dk}")
+
+
+@topo_app.command("delete")
+def topo_delete(ctx: typer.Context, gateway: GatewayArg, sub_devices: SubDevicesArg) -> None:
+    """Remove sub-devices from GATEWAY (all or none); a running service ends their sessions within seconds."""
+    gateway_keys, keys = _parse_key(gateway), _keys(sub_devices)
+
+    async def detach(conn: asyncpg.Connection, _box: Callable[[], SecretBox]) -> None:
+        await devices.detach_sub_devices(conn, gateway_keys, keys)
+
+    _run(ctx, detach)
+    typer.echo(f"{gateway}: removed {' '.join(sub_devices)}")
 
 
 def _print_secret(product_key: str, device_key: str, secret: str, *, as_json: bool, what: str) -> None:

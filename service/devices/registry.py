@@ -13,7 +13,7 @@ from datetime import datetime
 import asyncpg
 
 from service.devices.secretbox import SecretBox, new_secret
-from service.errors import DeviceExists, DeviceNotFound, InvalidKey
+from service.errors import DeviceExists, DeviceNotFound, InvalidKey, TopologyRefused
 from service.protocol.signing import key_problem
 
 Executor = asyncpg.Connection | asyncpg.Pool
@@ -177,3 +177,134 @@ async def sub_device_pairs(conn: Executor) -> frozenset[SubDevicePair]:
         " WHERE gateway_product_key IS NOT NULL AND enabled"
     )
     return frozenset(((r[0], r[1]), (r[2], r[3])) for r in records)
+
+
+# --- gateway topology and sub-device logins (issue 12) -------------------------------------------------------------
+Key = tuple[str, str]
+Transactional = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+"""A single connection (one from a pool included): what a transaction needs."""
+
+
+async def login_records(conn: Executor, box: SecretBox, keys: list[Key]) -> dict[Key, tuple[str, bool, Key | None]]:
+    """``(secret, enabled, gateway)`` of each registered device among ``keys`` (one query; unknown ones absent)."""
+    rows = await conn.fetch(
+        """
+        SELECT d.product_key, d.device_key, d.secret_enc, d.enabled, d.gateway_product_key, d.gateway_device_key
+        FROM devices d JOIN unnest($1::text[], $2::text[]) AS k (pk, dk)
+          ON d.product_key = k.pk AND d.device_key = k.dk
+        """,
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+    )
+    found: dict[Key, tuple[str, bool, Key | None]] = {}
+    for row in rows:
+        key = (row["product_key"], row["device_key"])
+        gateway = (row["gateway_product_key"], row["gateway_device_key"]) if row["gateway_product_key"] else None
+        found[key] = (box.open(row["secret_enc"], aad=_aad(*key)), row["enabled"], gateway)
+    return found
+
+
+async def gateways_among(conn: Executor, keys: list[Key]) -> set[Key]:
+    """Which of ``keys`` have sub-devices of their own."""
+    rows = await conn.fetch(
+        """
+        SELECT DISTINCT gateway_product_key, gateway_device_key FROM devices
+        JOIN unnest($1::text[], $2::text[]) AS k (pk, dk) ON gateway_product_key = k.pk AND gateway_device_key = k.dk
+        """,
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+    )
+    return {(row[0], row[1]) for row in rows}
+
+
+async def sub_devices_of(conn: Executor, gateway: Key) -> list[Key]:
+    """A gateway's sub-devices (its topology), ordered by product then device key."""
+    rows = await conn.fetch(
+        "SELECT product_key, device_key FROM devices WHERE gateway_product_key = $1 AND gateway_device_key = $2"
+        " ORDER BY product_key, device_key",
+        *gateway,
+    )
+    return [(row[0], row[1]) for row in rows]
+
+
+async def attach_sub_devices(conn: Transactional, gateway: Key, keys: list[Key]) -> None:
+    """Make ``keys`` sub-devices of ``gateway``, all or none (`TopologyRefused` naming the first that cannot be).
+
+    A sub-device already under this gateway stays; one under another gateway, the gateway itself, a device that
+    has sub-devices, or a gateway that is itself a sub-device is refused. Rows are locked while checked, so two
+    gateways claiming one device at once cannot both succeed.
+    """
+    name = f"{gateway[0]}/{gateway[1]}"
+    async with conn.transaction():
+        own = await conn.fetchrow(
+            "SELECT gateway_product_key, gateway_device_key FROM devices"
+            " WHERE product_key = $1 AND device_key = $2 FOR SHARE",
+            *gateway,
+        )
+        if own is None:
+            raise DeviceNotFound(*gateway, role="gateway")
+        if own[0] is not None:
+            raise TopologyRefused(f"gateway {name} is itself a sub-device of {own[0]}/{own[1]}")
+        rows = await conn.fetch(
+            """
+            SELECT d.product_key, d.device_key, d.gateway_product_key, d.gateway_device_key,
+                   EXISTS (SELECT 1 FROM devices s WHERE s.gateway_product_key = d.product_key
+                                                     AND s.gateway_device_key = d.device_key) AS parent
+            FROM devices d JOIN unnest($1::text[], $2::text[]) AS k (pk, dk)
+              ON d.product_key = k.pk AND d.device_key = k.dk
+            FOR UPDATE OF d
+            """,
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+        )
+        found = {(row[0], row[1]): row for row in rows}
+        for key in keys:
+            row = found.get(key)
+            if key == gateway:
+                raise TopologyRefused(f"{key[0]}/{key[1]} is the gateway itself")
+            if row is None:
+                raise DeviceNotFound(*key)
+            if row[2] is not None and (row[2], row[3]) != gateway:
+                raise TopologyRefused(f"{key[0]}/{key[1]} is a sub-device of another gateway, {row[2]}/{row[3]}")
+            if row["parent"]:
+                raise TopologyRefused(f"{key[0]}/{key[1]} is a gateway (it has sub-devices)")
+        await conn.execute(
+            """
+            UPDATE devices d SET gateway_product_key = $3, gateway_device_key = $4, updated_at = now()
+            FROM unnest($1::text[], $2::text[]) AS k (pk, dk)
+            WHERE d.product_key = k.pk AND d.device_key = k.dk AND d.gateway_product_key IS NULL
+            """,
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            *gateway,
+        )
+
+
+async def detach_sub_devices(conn: Transactional, gateway: Key, keys: list[Key]) -> None:
+    """Remove ``keys`` from ``gateway``'s topology, all or none (`DeviceNotFound` / `TopologyRefused` otherwise)."""
+    async with conn.transaction():
+        rows = await conn.fetch(
+            """
+            SELECT d.product_key, d.device_key, d.gateway_product_key, d.gateway_device_key
+            FROM devices d JOIN unnest($1::text[], $2::text[]) AS k (pk, dk)
+              ON d.product_key = k.pk AND d.device_key = k.dk
+            FOR UPDATE OF d
+            """,
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+        )
+        found = {(row[0], row[1]): (row[2], row[3]) for row in rows}
+        for key in keys:
+            if key not in found:
+                raise DeviceNotFound(*key)
+            if found[key] != gateway:
+                raise TopologyRefused(f"{key[0]}/{key[1]} is not a sub-device of {gateway[0]}/{gateway[1]}")
+        await conn.execute(
+            """
+            UPDATE devices d SET gateway_product_key = NULL, gateway_device_key = NULL, updated_at = now()
+            FROM unnest($1::text[], $2::text[]) AS k (pk, dk)
+            WHERE d.product_key = k.pk AND d.device_key = k.dk
+            """,
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+        )

@@ -52,6 +52,8 @@ __all__ = [
     "PROTOCOL_VIOLATIONS",
     "REGISTRY",
     "REPLIES",
+    "REQUESTS",
+    "SUB_DEVICES_ONLINE",
     "WRITE_BATCH_POINTS",
     "WRITE_ERRORS",
     "WRITE_ERROR_REASONS",
@@ -119,6 +121,14 @@ REPLIES = Counter(
     registry=REGISTRY,
 )
 
+REQUESTS = Counter(
+    "pointgate_requests_total",
+    "Requests other than measurement points (topology, sub-device sessions, unserved topics), by route and the"
+    " reply code sent.",
+    ["route", "code"],
+    registry=REGISTRY,
+)
+
 # --- storage --------------------------------------------------------------------------------------
 EVENTS_WRITTEN = Counter(
     "pointgate_events_written_total",
@@ -159,6 +169,12 @@ WRITE_QUEUE_POINTS = Gauge(
 CONNECTED_DEVICES = Gauge(
     "pointgate_connected_devices",
     "Devices with an open, authenticated MQTT connection.",
+    registry=REGISTRY,
+    multiprocess_mode="livesum",
+)
+SUB_DEVICES_ONLINE = Gauge(
+    "pointgate_sub_devices_online",
+    "Sub-devices logged in through a gateway connection (combine.login).",
     registry=REGISTRY,
     multiprocess_mode="livesum",
 )

@@ -237,9 +237,10 @@ def _match(pattern: str, path: str) -> str | None:
     return variable
 
 
-def parse_topic(topic: str) -> RequestTopic | DeviceRequest | None:
-    """What a PUBLISH on ``topic`` is: a measurement-point request, another device request, or None (plain MQTT)."""
-    request = parse_request_topic(topic)
+def parse_topic(topic: str) -> RequestTopic | EventTopic | DeviceRequest | None:
+    """What a PUBLISH on ``topic`` is: a measurement-point request, an event post, another device request, or None
+    (plain MQTT)."""
+    request = parse_request_topic(topic) or parse_event_topic(topic)
     if request is not None:
         return request
     split = split_device_topic(topic)

@@ -53,7 +53,9 @@ class FakeIngest:
     def __init__(self) -> None:
         self.tickets: list[Any] = []
 
-    def accept(self, topic: RequestTopic, payload: bytes, ticket: Any, *, device: Any, client_id: str) -> None:
+    def accept(
+        self, topic: RequestTopic, payload: bytes, ticket: Any, *, device: Any, client_id: str, online: Any = ()
+    ) -> None:
         self.tickets.append(ticket)
         if payload == b"bad":
             ticket.answer(b"refused")
@@ -67,6 +69,7 @@ class FakeHub:
 
     def __init__(self) -> None:
         self.ingest = FakeIngest()
+        self.requests: Any = None
         self.conn: Connection | None = None
         self.subscribed: set[str] = {REQUEST + "_reply"}
 

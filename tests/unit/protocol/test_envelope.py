@@ -194,6 +194,8 @@ def test_event_time_follows_the_point_rule(time_value: object, words: str) -> No
     with pytest.raises(DeviceFault) as point:
         run(single(params={"measurepoints": {}, "time": time_value}))
     assert words in event.value.text and event.value.text == point.value.text
+
+
 @pytest.mark.parametrize(
     ("payload", "code"),
     [
