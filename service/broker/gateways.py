@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from service.broker.requests import Caller, answer, refuse
-from service.devices import registry
+from service.devices import activation, registry
 from service.devices.secretbox import SecretBox
 from service.errors import DeviceFault, DeviceNotFound, TopologyRefused
 from service.ops import metrics
@@ -212,6 +212,7 @@ class Gateways:
             if fault is not None:
                 raise fault
             self._online(caller, login.key)
+            await self._activated([login.key])
             return ReplyCode.OK, "", proto.device_json(login.key)
 
         self._start(request, payload, ticket, caller, work)
@@ -237,6 +238,7 @@ class Gateways:
                 else:
                     failed.append(login.key)
                     faults.append(fault)
+            await self._activated(logged_in)
             data = proto.batch_data(logged_in, failed)
             if not faults:
                 return ReplyCode.OK, "", data
@@ -266,6 +268,15 @@ class Gateways:
             limit = self.sessions.limit
             detail = f"{limit} sub-devices are online through this gateway (max_sub_devices_per_gateway)"
             raise DeviceFault(ReplyCode.TOO_MANY_SUB_DEVICES, detail)
+
+    async def _activated(self, keys: list[Key]) -> None:
+        # a sub-device that proved its device secret is activated, as by its first secure-mode-2 CONNECT: no
+        # product secret may claim it afterwards (service/devices/activation.py); a failure costs only that
+        for key in keys:
+            try:
+                await activation.mark_activated(self._pool, *key)
+            except Exception as exc:
+                log.warning("could not record activation", product=key[0], device=key[1], error=str(exc))
 
     async def _records(self, keys: list[Key]) -> dict[Key, proto.Record]:
         found = await registry.login_records(self._pool, self._box, keys)

@@ -140,6 +140,9 @@ def test_sdk_gateway_logs_sub_devices_in_and_their_resume_lands(service: Running
         )
         assert refused.get_code() == 1212
     assert stored(migrated_dsn) == [("sub1", "temp", 1.5), ("sub2", "temp", 2.5)]
+    # proving their device secrets activated them, as a secure-mode-2 CONNECT would (no product secret may claim them)
+    activated = fetch(migrated_dsn, "SELECT device_key FROM devices WHERE activated_at IS NOT NULL ORDER BY 1")
+    assert [r[0] for r in activated] == [GW, "sub1", "sub2", "sub3"]
 
 
 def test_sdk_topology_add_get_delete(service: RunningService, migrated_dsn: str) -> None:
