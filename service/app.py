@@ -145,15 +145,15 @@ class Service:
         broker.session_events = self.session_events
         broker.authenticator = DeviceAuthenticator(pool, box, allow_anonymous=settings.allow_anonymous)
         broker.ingest = ingest = Ingest(writer, models, max_payload_bytes=settings.max_payload_bytes)
-        broker.events = EventIngest(event_writer, models, max_payload_bytes=settings.max_payload_bytes)
         broker.points = writer  # while the writer is full, devices' sockets are not read
-        # topology and sub-device sessions; every other request on a device topic is answered 1009
+        # topology, sub-device sessions and events; every other request on a device topic is answered 1009
         sessions = SubDeviceSessions(settings.max_sub_devices_per_gateway)
         broker.gateway_sessions = sessions
         self.gateways = gateways = Gateways(
             pool, box, sessions, ingest=ingest, max_payload_bytes=settings.max_payload_bytes
         )
-        broker.requests = Requests(handlers(gateways))
+        events = EventIngest(event_writer, models, max_payload_bytes=settings.max_payload_bytes)
+        broker.requests = Requests(handlers(gateways, events))
         self._migrator = asyncio.create_task(_migrate_when_reachable(dsn, state))
         self._topology = asyncio.create_task(_refresh_sub_devices(pool, ingest, sessions, state))
         writer.start()

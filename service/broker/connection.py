@@ -41,7 +41,6 @@ from service.protocol import replies
 from service.protocol.replies import ReplyCode
 from service.protocol.topics import (
     DeviceRequest,
-    EventTopic,
     RequestTopic,
     parse_topic,
     topic_device,
@@ -100,18 +99,6 @@ class RequestHandler(Protocol):
         """Answer a request whose packet exceeded the size limit."""
 
 
-class EventHandler(Protocol):
-    """Where an event post goes (service/broker/events.py `EventIngest`)."""
-
-    def accept(
-        self, topic: EventTopic, payload: bytes, ticket: Ticket, *, device: acl.Identity, client_id: str
-    ) -> None:
-        """Decide on an event post; answer ``ticket`` now (refused) or once its row is committed."""
-
-    def reject_oversize(self, topic: EventTopic, size: int, ticket: Ticket, *, client_id: str) -> None:
-        """Answer an event post whose packet exceeded the size limit."""
-
-
 class RequestRouter(Protocol):
     """Where every other request on a device's topics goes (service/broker/requests.py `Requests`)."""
 
@@ -123,7 +110,6 @@ class Hub(Protocol):
     """What a connection needs from the broker (overrides.PointgateBroker)."""
 
     ingest: RequestHandler | None
-    events: EventHandler | None
     requests: RequestRouter | None
 
     def deliver(self, topic: str, data: bytes, qos: int) -> None:
@@ -258,7 +244,7 @@ class Connection(BrokerProtocolHandler):
         self._out_id = 0  # packet ids of our QoS 1 deliveries
         self._qos2: dict[int, tuple[str, bytes, bool]] = {}
         # a device uses a handful of topics, parsed once
-        self._requests: dict[str, RequestTopic | EventTopic | DeviceRequest | None] = {}
+        self._requests: dict[str, RequestTopic | DeviceRequest | None] = {}
         # sub-devices logged in through this (gateway) connection: their topics are its own (service/broker/gateways.py)
         self.sub_devices: set[tuple[str, str]] | frozenset[tuple[str, str]] = _NO_SUB_DEVICES
 
@@ -544,15 +530,6 @@ class Connection(BrokerProtocolHandler):
                 request, payload, ticket, device=self.identity, client_id=self.client_id, online=self.sub_devices
             )
             return
-        # after the measurement-point branch, so that hot path pays nothing for events
-        if isinstance(request, EventTopic) and hub.events is not None:
-            if qos == 2:
-                raise LimitExceeded("qos2_request", "QoS 2 on a request topic (the SDKs use QoS 1)")
-            # the Python SDK posts events at QoS 0: no PUBACK then, but the reply still waits for the commit
-            ticket = _Ticket(self, packet_id or None, request.reply_topic)
-            self._pending.append(ticket)
-            hub.events.accept(request, payload, ticket, device=self.identity, client_id=self.client_id)
-            return
         if request is not None and self._routed(request):
             # every other request on a device's topics is answered (its handler, or 1009) and relayed nowhere
             if qos == 2:
@@ -577,7 +554,7 @@ class Connection(BrokerProtocolHandler):
             ticket.done = True  # nothing to wait for, but its PUBACK keeps its place behind earlier requests
             self._pending.append(ticket)
 
-    def _routed(self, request: RequestTopic | EventTopic | DeviceRequest) -> bool:
+    def _routed(self, request: RequestTopic | DeviceRequest) -> bool:
         """Whether a non-measurement-point ``request`` goes to the request router (not relayed as plain MQTT).
 
         A device's answer on a ``_reply`` topic (to a cloud-to-device message) is relayed, unless a route serves it.
@@ -689,14 +666,12 @@ class Connection(BrokerProtocolHandler):
         end = index + length
         log.info("oversized publish skipped", client_id=self.client_id, bytes=length)
         request = parse_topic(topic)
-        ingest, events = self.hub.ingest, self.hub.events
+        ingest = self.hub.ingest
         reply_topic = request.reply_topic if request is not None else None
         ticket = _Ticket(self, packet_id or None, reply_topic)
         self._pending.append(ticket)
         if isinstance(request, RequestTopic) and ingest is not None:
             ingest.reject_oversize(request, length, ticket, client_id=self.client_id)
-        elif isinstance(request, EventTopic) and events is not None:
-            events.reject_oversize(request, length, ticket, client_id=self.client_id)
         elif request is not None and reply_topic is not None and self._routed(request):
             detail = replies.too_large(length, self.limits.max_packet_bytes, what="packet")
             metrics.REPLIES.labels(code=str(int(ReplyCode.MESSAGE_TOO_LARGE))).inc()

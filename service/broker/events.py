@@ -1,5 +1,7 @@
 """Event posts inside the broker: decision, commit, then reply and PUBACK (``ingest.py``'s order, for events).
 
+The request router (service/broker/requests.py) hands it every request on the ``event_post`` route.
+
 A post on ``/sys/{pk}/{dk}/thing/event/{eventId}/post`` is decided by ``service.events.handle_event``; an
 accepted one is submitted to the event sink (``service.storage.events.EventWriter``) and its ticket is answered
 with the 200 only once the row is committed. A refused one is answered at once and nothing of it is stored.
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from functools import partial
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -22,7 +24,10 @@ from service.model.thingmodel import ThingModel
 from service.ops import metrics
 from service.protocol import replies
 from service.protocol.replies import ReplyCode
-from service.protocol.topics import EventTopic
+from service.protocol.topics import DeviceRequest, EventTopic
+
+if TYPE_CHECKING:
+    from service.broker.requests import Caller
 
 log = structlog.get_logger("pointgate.events")
 
@@ -56,12 +61,9 @@ class EventIngest:
         committed = self._events.submit(outcome.row)
         committed.add_done_callback(partial(_on_commit, outcome, ticket))
 
-    def reject_oversize(self, topic: EventTopic, size: int, ticket: Ticket, *, client_id: str) -> None:
-        """A post too large to read: 1008 on its reply topic (its id is unknown: null)."""
-        detail = replies.too_large(size, self._max_bytes, what="packet")
-        _log_rejection(client_id, topic, ReplyCode.MESSAGE_TOO_LARGE, detail)
-        _count("rejected", ReplyCode.MESSAGE_TOO_LARGE)
-        ticket.answer(replies.encode(None, ReplyCode.MESSAGE_TOO_LARGE, detail))
+    def handle(self, request: DeviceRequest, payload: bytes, ticket: Ticket, caller: Caller) -> None:
+        """The ``event_post`` route's handler (service/broker/requests.py): the device, or its gateway, posts."""
+        self.accept(EventTopic.of(request), payload, ticket, device=caller.identity, client_id=caller.client_id)
 
 
 def _on_commit(outcome: EventOutcome, ticket: Ticket, done: asyncio.Future[None]) -> None:

@@ -70,7 +70,6 @@ from amqtt.utils import gen_client_id
 from service.broker import acl
 from service.broker.connection import (
     Connection,
-    EventHandler,
     LimitExceeded,
     Limits,
     RequestHandler,
@@ -292,7 +291,6 @@ class PointgateBroker(Broker):
         )
         self.session_expiry = session_expiry
         self.ingest: RequestHandler | None = None
-        self.events: EventHandler | None = None  # event posts (service.broker.events.EventIngest)
         self.requests: RequestRouter | None = None  # every other device request (service/broker/requests.py)
         self.gateway_sessions: Any = None  # service.broker.gateways.SubDeviceSessions (G1)
         # where the ingest's points go (service.storage.writer.PointWriter): while it is full, connections stop

@@ -23,6 +23,7 @@ from service.protocol.replies import ReplyCode
 from service.protocol.topics import DeviceRequest
 
 if TYPE_CHECKING:
+    from service.broker.events import EventIngest
     from service.broker.gateways import Gateways
     from service.broker.ingest import Ticket
 
@@ -44,7 +45,7 @@ Handler = Callable[[DeviceRequest, bytes, "Ticket", Caller], None]
 """Answers one request: ``ticket.answer(reply)`` now or later (after its database work)."""
 
 
-def handlers(gateways: Gateways) -> dict[str, Handler]:
+def handlers(gateways: Gateways, events: EventIngest) -> dict[str, Handler]:
     """The handler of each served route, by route name (service.protocol.topics.ROUTES)."""
     return {
         "topo_add": gateways.topo_add,
@@ -53,6 +54,7 @@ def handlers(gateways: Gateways) -> dict[str, Handler]:
         "combine_login": gateways.login,
         "combine_login_batch": gateways.login_batch,
         "combine_logout": gateways.logout,
+        "event_post": events.handle,
     }
 
 

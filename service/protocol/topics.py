@@ -55,7 +55,7 @@ def parse_request_topic(topic: str) -> RequestTopic | None:
 
 @dataclass(frozen=True, slots=True)
 class EventTopic:
-    """An event post topic, parsed: ``/sys/{productKey}/{deviceKey}/thing/event/{eventId}/post``."""
+    """An event post topic: ``/sys/{productKey}/{deviceKey}/thing/event/{eventId}/post`` (route ``event_post``)."""
 
     topic: str
     product_key: str
@@ -79,16 +79,10 @@ class EventTopic:
         """Label for metrics and logs."""
         return "event"
 
-
-def parse_event_topic(topic: str) -> EventTopic | None:
-    """Return the parsed event post, or None when the topic is not one."""
-    parts = topic.split("/")
-    # ['', 'sys', pk, dk, 'thing', 'event', eventId, 'post']
-    if len(parts) != 8 or parts[0] != "" or parts[1] != "sys" or parts[4] != "thing" or parts[5] != "event":
-        return None
-    if parts[7] != "post" or not parts[2] or not parts[3] or not parts[6]:
-        return None
-    return EventTopic(topic, parts[2], parts[3], parts[6])
+    @classmethod
+    def of(cls, request: DeviceRequest) -> EventTopic:
+        """The event post a request on the ``event_post`` route is (its variable level is the event id)."""
+        return cls(request.topic, request.product_key, request.device_key, request.variable)
 
 
 def device_prefixes(product_key: str, device_key: str) -> tuple[str, str]:
@@ -147,6 +141,8 @@ ROUTES: tuple[Route, ...] = (
     Route("combine_login", "ext/session", "combine/login", "combine.login"),
     Route("combine_login_batch", "ext/session", "combine/login/batch", "combine.login.batch"),
     Route("combine_logout", "ext/session", "combine/logout", "combine.logout"),
+    # a gateway posts a logged-in sub-device's events on the sub-device's topic, as it does its measure points
+    Route("event_post", "sys", "thing/event/+/post", "thing.event.{}.post", sub_device=True),
 )
 
 # Cloud-to-device topics (reference/enos-protocol.md §3): the device answers on their ``_reply``, never writes them.
@@ -237,10 +233,9 @@ def _match(pattern: str, path: str) -> str | None:
     return variable
 
 
-def parse_topic(topic: str) -> RequestTopic | EventTopic | DeviceRequest | None:
-    """What a PUBLISH on ``topic`` is: a measurement-point request, an event post, another device request, or None
-    (plain MQTT)."""
-    request = parse_request_topic(topic) or parse_event_topic(topic)
+def parse_topic(topic: str) -> RequestTopic | DeviceRequest | None:
+    """What a PUBLISH on ``topic`` is: a measurement-point request, another device request, or None (plain MQTT)."""
+    request = parse_request_topic(topic)
     if request is not None:
         return request
     split = split_device_topic(topic)

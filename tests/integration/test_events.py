@@ -181,3 +181,29 @@ def test_oversized_event_gets_1008(start_service: Callable[..., RunningService],
         assert dev.request(TOPIC, event({"temp": 1.0}))["code"] == 200  # the connection stays usable
     finally:
         dev.close()
+
+
+def test_gateway_posts_a_logged_in_sub_devices_event(
+    start_service: Callable[..., RunningService], migrated_dsn: str
+) -> None:
+    """Through the route table, a gateway posts the events of a sub-device it logged in (stored as the
+    sub-device's), and of one it did not log in it cannot (a publish outside its topics closes it)."""
+    from tests.integration._login import connect, login
+    from tests.integration.test_gateway import GW, GW_SECRET, SUB_SECRET, add_sub, combine, login_params
+
+    running = start_service(allow_anonymous=False)
+    register(running, GW, GW_SECRET)
+    add_sub(running, "sub1")
+    add_sub(running, "sub2")
+    gateway, code = connect(running.port, login(GW, GW_SECRET))
+    try:
+        assert code == 0
+        assert combine(gateway, "login", login_params("sub1", SUB_SECRET))["code"] == 200
+        sub_topic = "/sys/inverter01/sub1/thing/event/fault/post"
+        assert gateway.request(sub_topic, event({"code": 7}, event_id="fault", time=1700000000000))["code"] == 200
+        assert stored(migrated_dsn) == [("sub1", "fault", "ERROR", 1700000000.0, {"code": 7})]
+        gateway.publish("/sys/inverter01/sub2/thing/event/fault/post", event({"code": 8}, event_id="fault"))
+        assert gateway.disconnected.wait(5)
+    finally:
+        gateway.close()
+    assert len(stored(migrated_dsn)) == 1

@@ -10,7 +10,7 @@ import pytest
 from service.events import EventOutcome, EventRow, handle_event
 from service.model.thingmodel import ThingModel, compile_model
 from service.protocol.replies import ReplyCode
-from service.protocol.topics import EventTopic, parse_event_topic, parse_request_topic
+from service.protocol.topics import DeviceRequest, EventTopic, parse_request_topic, parse_topic
 
 MODEL = compile_model(
     {
@@ -33,6 +33,14 @@ RECEIVED = 1_700_000_000_000
 TOPIC = "/sys/pk/dk/thing/event/overTemp/post"
 
 
+def parse_event_topic(topic: str) -> EventTopic | None:
+    """The event post ``topic`` is, found as the broker finds it: by the request router's ``event_post`` route."""
+    request = parse_topic(topic)
+    if isinstance(request, DeviceRequest) and request.route is not None and request.route.name == "event_post":
+        return EventTopic.of(request)
+    return None
+
+
 def decide(topic: str, body: Any, *, raw: bytes | None = None, max_bytes: int = 65536) -> EventOutcome:
     parsed = parse_event_topic(topic)
     assert parsed is not None
@@ -45,7 +53,7 @@ def post(events: Any, event: str = "overTemp", **params: Any) -> dict[str, Any]:
 
 
 def test_event_topic_parses_with_its_method_and_reply() -> None:
-    """The event post topic names the device and the event, the method it demands and its reply topic."""
+    """The event post route names the device and the event, the method it demands and its reply topic."""
     parsed = parse_event_topic(TOPIC)
     assert parsed == EventTopic(TOPIC, "pk", "dk", "overTemp")
     assert parsed.method == "thing.event.overTemp.post"
@@ -62,6 +70,7 @@ def test_event_topic_parses_with_its_method_and_reply() -> None:
         "/sys/pk/dk/thing/event/overTemp",
         "/sys/pk/dk/thing/event/a/b/post",
         "/sys/pk/dk/thing/service/overTemp/post",
+        "/ext/session/pk/dk/thing/event/overTemp/post",
         "sys/pk/dk/thing/event/overTemp/post",
         "/sys//dk/thing/event/overTemp/post",
     ],

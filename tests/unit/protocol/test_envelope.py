@@ -18,7 +18,7 @@ from service.protocol.envelope import (
     request_id_of,
 )
 from service.protocol.replies import ReplyCode
-from service.protocol.topics import RequestTopic, parse_event_topic, parse_request_topic
+from service.protocol.topics import EventTopic, RequestTopic, parse_request_topic
 
 SINGLE = parse_request_topic("/sys/pk/dk/thing/measurepoint/resume")
 BATCH = parse_request_topic("/sys/pk/dk/thing/measurepoint/resume/batch")
@@ -153,7 +153,7 @@ def test_long_values_are_cut_short_in_reasons() -> None:
     assert fault.detail.endswith("…") and len(fault.detail) < 100
 
 
-EVENT = parse_event_topic("/sys/pk/dk/thing/event/alarm/post")
+EVENT: EventTopic | None = EventTopic("/sys/pk/dk/thing/event/alarm/post", "pk", "dk", "alarm")
 
 
 @pytest.mark.parametrize(
