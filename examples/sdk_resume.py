@@ -1,14 +1,16 @@
 """A device built on the official EnOS Python SDK, backfilling points into pointgate.
 
 pip install enos-mqtt-sdk-python "paho-mqtt>=1.6,!=2.0.*,<3"
-pointgate device add inverter01 dev1            # prints SECRET
-python examples/sdk_resume.py tcp://127.0.0.1:1883 inverter01 dev1 SECRET
+pointgate device add inverter01 dev2            # prints SECRET
+python examples/sdk_resume.py tcp://127.0.0.1:1883 inverter01 dev2 SECRET
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
+from urllib.parse import urlsplit
 
 from enos.core.MqttClient import MqttClient
 from enos.message.upstream.resume.MeasurepointResumeRequest import MeasurepointResumeRequest
@@ -30,7 +32,22 @@ class Connected:
         pass
 
 
+def reachable(url: str) -> str | None:
+    """None if something accepts TCP connections at ``url``; otherwise why not (before blaming the secret)."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 1883
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            return None
+    except OSError as exc:
+        return f"cannot connect to {host}:{port}: {exc.strerror or exc} (is pointgate serve running there?)"
+
+
 def main(url: str, product_key: str, device_key: str, secret: str) -> int:
+    problem = reachable(url)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 1
     client = MqttClient(url, product_key, device_key, secret)
     client.get_profile().set_auto_reconnect(False)
     client.get_profile().set_operation_timeout(5)

@@ -13,14 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import signal
-from collections.abc import Callable
+import socket
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import asyncpg
-from amqtt.errors import BrokerError
+from aiohttp import web
 
 from service import __version__
 from service.broker.config import broker_config
@@ -33,15 +37,21 @@ from service.broker.requests import Requests, handlers
 from service.devices import registry
 from service.devices.auth import DeviceAuthenticator
 from service.devices.brokerauth import AuthServer, check_auth_settings, endpoints
+from service.devices.presence import Presence
 from service.devices.secretbox import SecretBox, key_path, load_or_create_key
-from service.errors import ConfigError
-from service.model.thingmodel import ThingModel, load_models
+from service.errors import ConfigError, DatabaseError, MigrationError, ModelError
+from service.model.reload import RELOAD_CHANNEL, RELOAD_RESULT_CHANNEL
+from service.model.thingmodel import ThingModel, check_paths, load_models
 from service.ops import metrics
 from service.ops.http import Check, OpsServer
 from service.ops.logs import get_logger
+from service.ops.rejected import RejectedStore
+from service.ops.status import EXAMPLES, Example, ModelRow, Parts, Rates, Snapshot, read_figures
+from service.ops.status import render as render_status
 from service.resources import migrations_dir
 from service.settings import Settings, parse_bind
-from service.storage.database import database_dsn
+from service.storage.database import announce_serve, classify, database_dsn, retract_serve
+from service.storage.embedded import psql_command
 from service.storage.events import EventWriter
 from service.storage.migrate import apply_migrations, pending_migrations
 from service.storage.partitions import policy_from_settings
@@ -58,7 +68,7 @@ _TOPOLOGY_REFRESH_SECONDS = 2.0
 
 
 @dataclass
-class _State:
+class State:
     """What readiness looks at."""
 
     models: dict[str, ThingModel]
@@ -80,10 +90,11 @@ class Service:
         self.settings = settings
         self.session_events = session_events
         self._stack = contextlib.AsyncExitStack()
-        self.state: _State | None = None
+        self.state: State | None = None
         self.broker: PointgateBroker | None = None
         self.writer: PointWriter | None = None
         self.event_writer: EventWriter | None = None
+        self.event_ingest: EventIngest | None = None
         self.ops: OpsServer | None = None
         self.auth_server: AuthServer | None = None
         self.dsn = ""
@@ -91,6 +102,16 @@ class Service:
         self._migrator: asyncio.Task[None] | None = None
         self._topology: asyncio.Task[None] | None = None
         self.gateways: Gateways | None = None
+        self._announced: Path | None = None
+        self.presence: Presence | None = None
+        self.rejected: RejectedStore | None = None
+        self.ingest: Ingest | None = None
+        self.rates = Rates(metrics.REGISTRY)
+        self._sampler: asyncio.Task[None] | None = None
+        self._started_at = time.monotonic()
+        self._reloading = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
+        self._listening = False
 
     @property
     def mqtt_port(self) -> int:
@@ -109,14 +130,19 @@ class Service:
     async def start(self) -> None:
         """Start everything, in dependency order."""
         settings = self.settings
-        models = load_models(settings.models)  # a malformed model stops start-up here (ModelError)
+        models = load_all_models(settings.models)  # malformed models stop start-up here, every one of them named
         metrics.MODELS_LOADED.set(len(models))
-        self.state = state = _State(models)
+        self.state = state = State(models)
         config = broker_config(settings)  # refuses a bad TLS setup before anything is started
         check_auth_settings(settings)
         policy = policy_from_settings(settings)  # and a partition width / retention that cannot work
 
-        self.dsn = dsn = await self._stack.enter_async_context(database_dsn(settings))
+        if warning := anonymous_warning(settings):
+            log.warning(warning, mqtt=settings.mqtt_bind)
+        # whatever embedded server this finds (its own, or one a killed pointgate left running), it stops on exit
+        self.dsn = dsn = await self._stack.enter_async_context(database_dsn(settings, own_server=True))
+        self._announced = announce_serve(settings)
+        self._stack.callback(retract_serve, self._announced)
         # after the embedded server prepared the data directory (its modes matter to the PostgreSQL user)
         box = SecretBox(load_or_create_key(key_path(settings)))
         self._pool = pool = await asyncpg.create_pool(dsn, min_size=0, max_size=2, timeout=5)
@@ -143,8 +169,20 @@ class Service:
             reuse_port=self.session_events is not None,
         )
         broker.session_events = self.session_events
-        broker.authenticator = DeviceAuthenticator(pool, box, allow_anonymous=settings.allow_anonymous)
-        broker.ingest = ingest = Ingest(writer, models, max_payload_bytes=settings.max_payload_bytes)
+        broker.authenticator = authenticator = DeviceAuthenticator(pool, box, allow_anonymous=settings.allow_anonymous)
+        self.presence = presence = Presence(dsn, pool, broker, authenticator, schema_ready=state.schema_ready)
+        presence.channels[RELOAD_CHANNEL] = self.reload_requested
+        self.rejected = rejected = RejectedStore(
+            pool,
+            keep=settings.keep_rejected,
+            payload_bytes=settings.rejected_payload_bytes,
+            max_count=settings.rejected_max_count,
+            max_age_hours=settings.rejected_max_age.total_seconds() / 3600,
+            schema_ready=state.schema_ready,
+        )
+        self.ingest = ingest = Ingest(writer, models, max_payload_bytes=settings.max_payload_bytes)
+        ingest.on_reject = rejected.refused
+        broker.ingest = ingest
         broker.points = writer  # while the writer is full, devices' sockets are not read
         # topology, sub-device sessions and events; every other request on a device topic is answered 1009
         sessions = SubDeviceSessions(settings.max_sub_devices_per_gateway)
@@ -152,40 +190,47 @@ class Service:
         self.gateways = gateways = Gateways(
             pool, box, sessions, ingest=ingest, max_payload_bytes=settings.max_payload_bytes
         )
-        events = EventIngest(event_writer, models, max_payload_bytes=settings.max_payload_bytes)
+        self.event_ingest = events = EventIngest(event_writer, models, max_payload_bytes=settings.max_payload_bytes)
         broker.requests = Requests(handlers(gateways, events))
+        # A wrong password, a missing database, a host that does not resolve or an edited migration cannot get
+        # better by waiting: they stop start-up here with one line. A database that is merely down (refused,
+        # timed out, starting) does not hold start-up: the migrator keeps trying and readiness says why.
+        if not await migrate_once(dsn, state, fatal_only=True):
+            log.warning("database not ready, waiting for it", reason=state.problems.get("migrations"))
         self._migrator = asyncio.create_task(_migrate_when_reachable(dsn, state))
         self._topology = asyncio.create_task(_refresh_sub_devices(pool, ingest, sessions, state))
         writer.start()
         event_writer.start()
-        # give migrations a moment, so a healthy start logs "started" with the schema in place; a database
-        # that is down does not hold start-up (the migrator keeps trying and readiness says why)
-        await asyncio.wait({self._migrator}, timeout=5)
-        # amqtt logs its own traceback for a failed bind before raising; ours below is the one line that says it
-        amqtt_log = logging.getLogger("amqtt.broker")
-        amqtt_log.disabled = True
-        try:
-            await broker.start()
-        except BrokerError as exc:
-            # one line naming the options, as the multi-process supervisor says it, not amqtt's traceback
-            cause = exc.__cause__
-            reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(exc)
-            raise ConfigError(f"cannot listen (--mqtt-bind / --mqtts-bind): {reason}") from None
-        finally:
-            amqtt_log.disabled = False
-
         http = None
         if self.session_events is None:  # a worker's supervisor serves these for all workers
+            # the ops listener first: a busy --http-bind fails before any device can connect
             host, port = parse_bind(settings.http_bind, default_host="127.0.0.1")
             # the broker auth endpoints (docs/scale-out.md), for a cluster broker in front: off unless guarded
             routes, self.auth_server = endpoints(
                 settings, DeviceAuthenticator(pool, box, allow_anonymous=False, allow_activation=False)
             )
-            self.ops = ops = OpsServer(host, port, self.readiness_checks(), routes=routes)
-            await ops.start()
+            self.ops = ops = OpsServer(
+                host,
+                port,
+                self.readiness_checks(),
+                routes=routes,
+                notes=self.notes,
+                status_page=self._status_page,
+            )
+            try:
+                await ops.start()
+            except OSError as exc:
+                raise ConfigError(f"--http-bind {host}:{port}: cannot listen: {bind_reason(exc)}") from None
+            self._stack.push_async_callback(ops.stop)
             if self.auth_server is not None:
                 await self.auth_server.start()
             http = f"{host}:{ops.port}"
+        await listen(broker.start(), settings)
+        self._listening = True
+        presence.start()
+        rejected.start()
+        if self.session_events is None:  # a worker's figures are added up by its supervisor, which samples them
+            self._sampler = asyncio.create_task(self.rates.run())
         log.info(
             "pointgate started" if self.session_events is None else "worker listening",
             version=__version__,
@@ -193,7 +238,7 @@ class Service:
             mqtts=settings.mqtts_bind,
             http=http,
             database="embedded" if settings.database_url is None else "external",
-            psql=f"psql '{dsn}'" if settings.database_url is None else None,
+            psql=f"{psql_command()} '{dsn}'" if settings.database_url is None else None,
             models=len(models),
             anonymous=settings.allow_anonymous,
         )
@@ -202,14 +247,22 @@ class Service:
         """Release what a failed `start` left open (the embedded database among it)."""
         await self._stack.aclose()
 
+    def notes(self) -> dict[str, str]:
+        """What readiness shows beside its checks without failing them (a refused model reload)."""
+        assert self.state is not None
+        return {k: v for k, v in self.state.problems.items() if k == "models_reload"}
+
     def readiness_checks(self) -> dict[str, Check]:
-        """What ``/readyz`` asks: the database answers, migrations are applied, models are loaded."""
+        """What ``/readyz`` asks: the database answers, migrations are applied, models are loaded, MQTT listens."""
         assert self._pool is not None and self.state is not None
-        pool, state = self._pool, self.state
+        pool, state, dsn = self._pool, self.state, self.dsn
 
         async def database_check() -> str | None:
-            async with pool.acquire(timeout=1) as conn:
-                await conn.fetchval("SELECT 1")
+            try:
+                async with pool.acquire(timeout=1) as conn:
+                    await conn.fetchval("SELECT 1")
+            except Exception as exc:  # say which database and why, not just the driver's exception
+                return classify(exc, dsn).message
             return None
 
         async def migrations_check() -> str | None:
@@ -218,7 +271,91 @@ class Service:
         async def models_check() -> str | None:
             return None if state.models else "no thing models loaded"
 
-        return {"database": database_check, "migrations": migrations_check, "models": models_check}
+        async def listener_check() -> str | None:
+            return None if self._listening else "MQTT listeners not started"
+
+        return {
+            "database": database_check,
+            "migrations": migrations_check,
+            "models": models_check,
+            "mqtt": listener_check,
+        }
+
+    async def reload_models(self) -> tuple[bool, str]:
+        """Re-read the thing models; a valid set replaces the old one, an invalid one is refused and the old kept.
+
+        Connections and queued messages are untouched: a request is decided against the models of the moment it
+        arrives, and what was already accepted is committed as it was.
+        """
+        assert self.state is not None and self.ingest is not None
+        state, ingest = self.state, self.ingest
+        async with self._reloading:
+            try:
+                models = await asyncio.to_thread(load_all_models, self.settings.models)
+            except ConfigError as exc:
+                reason = f"reload refused, previous models kept: {exc}".replace("\n", "; ")
+                state.problems["models_reload"] = reason
+                log.error("thing models reload refused; previous models kept", reason=str(exc).replace("\n", "; "))
+                return False, reason
+            ingest.models = state.models = models
+            if self.event_ingest is not None:
+                self.event_ingest.models = models  # event posts are checked against the same models
+            metrics.MODELS_LOADED.set(len(models))
+            state.problems.pop("models_reload", None)
+            log.info("thing models reloaded", models=len(models), products=sorted(models))
+            return True, f"{len(models)} thing model(s) loaded"
+
+    def reload_requested(self, payload: str) -> None:
+        """``pointgate model reload`` (or another tool) asked every serve to reload: do it and answer."""
+
+        async def run() -> None:
+            ok, message = await self.reload_models()
+            if self._pool is not None:
+                answer = json.dumps(
+                    {"request": payload, "instance": _instance(), "ok": ok, "message": message}, sort_keys=True
+                )
+                with contextlib.suppress(Exception):
+                    await self._pool.execute("SELECT pg_notify($1, $2)", RELOAD_RESULT_CHANNEL, answer)
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def page_parts(self) -> Parts:
+        """What this serve knows for the status page: its refusals, reload notes and models."""
+        assert self.state is not None
+        rejected = self.rejected
+        examples = {
+            code: [
+                Example(r.received_at.isoformat(timespec="seconds"), r.product_key, r.device_key, r.topic, r.reason)
+                for r in list(refusals)[:EXAMPLES]
+            ]
+            for code, refusals in (rejected.latest.items() if rejected is not None else ())
+        }
+        return Parts(
+            rejections=dict(rejected.counts) if rejected is not None else {},
+            examples=examples,
+            notes=self.notes(),
+            models=[
+                ModelRow(m.product_key, len(m.points), m.path)
+                for m in sorted(self.state.models.values(), key=lambda m: m.product_key)
+            ],
+        )
+
+    async def _status_page(self, request: web.Request) -> web.Response:
+        assert self.ops is not None
+        msg_rate, point_rate = self.rates.per_second()
+        snapshot = Snapshot(
+            version=__version__,
+            uptime_s=time.monotonic() - self._started_at,
+            figures=read_figures(metrics.REGISTRY),
+            messages_per_s=msg_rate,
+            points_per_s=point_rate,
+            checks=await self.ops.check_results(),
+            parts=self.page_parts(),
+            keeping_rejected=self.settings.keep_rejected,
+        )
+        return web.Response(text=render_status(snapshot), content_type="text/html", charset="utf-8")
 
     async def stop(self) -> None:
         """Drain and stop, in order; each step says why it is where it is."""
@@ -258,6 +395,12 @@ class Service:
             await self.gateways.close()
         await writer.close()
         await event_writer.close()
+        if self.presence is not None:
+            await self.presence.stop()
+        if self.rejected is not None:
+            await self.rejected.stop()
+        if self._sampler is not None:
+            self._sampler.cancel()
         if self._pool is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._pool.close(), 2)
@@ -285,35 +428,126 @@ async def serve(settings: Settings) -> int:
     # everything built at start-up lives until exit: keep it out of the collector's way, so full collections
     # (29-102 ms measured under load) stop landing in the reply-latency tail
     gc.freeze()
+    # SIGHUP re-reads the thing models (as `pointgate model reload` does through the database)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, service.reload_requested, "SIGHUP")
     await stop.wait()
     await service.stop()
     return 0
 
 
-async def _migrate_when_reachable(dsn: str, state: _State) -> None:
-    # the database may still be starting (compose) or down: keep trying, readiness says why meanwhile
-    while True:
+async def migrate_once(dsn: str, state: State, *, fatal_only: bool = False) -> bool:
+    """Connect and apply migrations once; True when the schema is current.
+
+    A transient failure is recorded for readiness and returns False. A fatal one (`classify`) or a
+    MigrationError raises with ``fatal_only`` (start-up), and is recorded (and logged as an error) otherwise.
+    """
+    try:
+        conn = await asyncpg.connect(dsn, timeout=5)
         try:
-            conn = await asyncpg.connect(dsn, timeout=5)
-            try:
-                applied = await apply_migrations(conn, migrations_dir())
-                if await pending_migrations(conn, migrations_dir()):
-                    raise RuntimeError("migrations still pending after applying")
-            finally:
-                await conn.close()
-            for migration in applied:
-                log.info("migration applied", version=migration.version, name=migration.name)
-            state.migrated = True
-            state.schema_ready.set()
-            state.problems.pop("migrations", None)
+            applied = await apply_migrations(conn, migrations_dir())
+            if await pending_migrations(conn, migrations_dir()):
+                raise MigrationError("migrations still pending after applying")
+        finally:
+            await conn.close()
+    except MigrationError as exc:
+        state.problems["migrations"] = f"migrations refused: {exc}"
+        if fatal_only:
+            raise
+        log.error("migrations refused", error=str(exc))
+        return False
+    except Exception as exc:
+        failure = classify(exc, dsn)
+        state.problems["migrations"] = f"database not reachable: {failure.message}"
+        if failure.fatal:
+            if fatal_only:
+                raise DatabaseError(failure.message) from None
+            log.error("database refuses pointgate", reason=failure.message)
+        return False
+    for migration in applied:
+        log.info("migration applied", version=migration.version, name=migration.name)
+    state.migrated = True
+    state.schema_ready.set()
+    state.problems.pop("migrations", None)
+    return True
+
+
+async def _migrate_when_reachable(dsn: str, state: State) -> None:
+    # the database may still be starting (compose) or down: keep trying, readiness says why meanwhile
+    last = ""
+    while not state.migrated:
+        if await migrate_once(dsn, state):
+            log.info("database reachable, schema current")
             return
-        except Exception as exc:
-            state.problems["migrations"] = f"migrations not applied: {exc or type(exc).__name__}"
-            log.warning("database not ready, retrying", error=str(exc) or type(exc).__name__)
-            await asyncio.sleep(_DB_RETRY_SECONDS)
+        reason = state.problems.get("migrations", "")
+        if reason != last:  # one line per change of reason, not one per second
+            log.warning("database not ready, retrying", reason=reason, every_s=_DB_RETRY_SECONDS)
+            last = reason
+        await asyncio.sleep(_DB_RETRY_SECONDS)
 
 
-async def _refresh_sub_devices(pool: asyncpg.Pool, ingest: Ingest, sessions: SubDeviceSessions, state: _State) -> None:
+def _instance() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def listen(start: Awaitable[None], settings: Settings) -> None:
+    """Start the MQTT listeners; a port in use is one line naming the option and the address."""
+    quiet = _Quiet()
+    amqtt_log = logging.getLogger("amqtt.broker")
+    amqtt_log.addFilter(quiet)  # amqtt logs its own traceback before raising; the error below says it all
+    try:
+        await start
+    except Exception as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+        text = str(cause)
+        option, bind = "--mqtt-bind", settings.mqtt_bind
+        if settings.mqtts_bind:
+            _, tls_port = parse_bind(settings.mqtts_bind)
+            if f", {tls_port})" in text:
+                option, bind = "--mqtts-bind", settings.mqtts_bind
+        raise ConfigError(f"{option} {bind}: cannot listen: {bind_reason(cause)}") from None
+    finally:
+        amqtt_log.removeFilter(quiet)
+
+
+def bind_reason(exc: BaseException) -> str:
+    """Why a listener could not bind, in the words an operator searches for."""
+    text = str(exc)
+    for known in ("address already in use", "cannot assign requested address", "permission denied"):
+        if known in text.lower():
+            return known
+    strerror = getattr(exc, "strerror", None)
+    return str(strerror) if strerror else text
+
+
+class _Quiet(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+def anonymous_warning(settings: Settings) -> str | None:
+    """The warning `--allow-anonymous` deserves on a listener other machines can reach, or None."""
+    if not settings.allow_anonymous or _loopback(settings.mqtt_bind):
+        return None
+    return "anonymous devices allowed on a public listener: anyone who can reach it may publish (development only)"
+
+
+def _loopback(bind: str) -> bool:
+    host, _ = parse_bind(bind)
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+
+
+def load_all_models(directory: Path) -> dict[str, ThingModel]:
+    """Every model in ``directory``; a bad set raises ConfigError naming every problem of every file."""
+    try:
+        return load_models(directory)
+    except ModelError:
+        errors = check_paths([directory])
+        if not errors:
+            raise
+        raise ConfigError("\n".join(str(e) for e in errors)) from None
+
+
+async def _refresh_sub_devices(pool: asyncpg.Pool, ingest: Ingest, sessions: SubDeviceSessions, state: State) -> None:
     # the pipeline is pure and synchronous, so it consults a snapshot of the gateway relations rather
     # than the database; a registry change takes effect within one refresh period, and so does the end of
     # a sub-device session whose sub-device was disabled or left the gateway's topology

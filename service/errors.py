@@ -10,6 +10,7 @@
     │   ├── DeviceExists      ``add`` of a device that is already registered
     │   ├── DeviceNotFound    the device (or gateway) named is not registered
     │   ├── TopologyRefused   a sub-device cannot join or leave that gateway (``device topo``, ``thing.topo.*``)
+    │   ├── DeviceInUse       ``delete`` of a gateway that registered sub-devices still name
     │   └── InvalidKey        a key that could never appear in a topic or a login (also a ValueError)
     └── ServiceFault          something on our side; logged, counted, retried where that makes sense
         ├── ConfigError       a setting or a file the operator gave us is wrong (exit non-zero)
@@ -80,6 +81,10 @@ class DeviceNotFound(RegistryError):
 
 class TopologyRefused(RegistryError):
     """A topology change is refused (another gateway's device, a gateway as a sub-device, …); nothing changed."""
+
+
+class DeviceInUse(RegistryError):
+    """The device cannot be deleted: sub-devices name it as their gateway."""
 
 
 class InvalidKey(RegistryError, ValueError):

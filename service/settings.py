@@ -178,6 +178,10 @@ class Settings(BaseSettings):
         timedelta(days=365), description="how far back partitions are created on demand; older goes to the default"
     )
     retention: OptionalDuration = Field(None, description="drop partitions older than this (e.g. 90d); unset: keep all")
+    keep_rejected: bool = Field(True, description="keep refused requests for `pointgate rejected` (false: none)")
+    rejected_payload_bytes: int = Field(65536, ge=0, description="most payload bytes kept per refused request")
+    rejected_max_count: int = Field(100_000, ge=1, description="most refused requests kept (oldest go first)")
+    rejected_max_age: Duration = Field(timedelta(days=7), description="refused requests older than this are dropped")
     embedded_user: str | None = Field(None, description="user that runs the embedded PostgreSQL when root")
     embedded_port: int | None = Field(None, ge=1, le=65535, description="also expose the embedded DB on 127.0.0.1")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -247,6 +251,15 @@ class Settings(BaseSettings):
         if self.database_url is not None:
             data["database_url"] = _redact_dsn(self.database_url.get_secret_value())
         return data
+
+
+# POINTGATE_* variables read outside `Settings`: the config file, the PostgreSQL binaries, the test database
+_OTHER_ENVIRONMENT = ("POINTGATE_CONFIG", "POINTGATE_PG_BINDIR", "POINTGATE_TEST_DATABASE_URL")
+
+
+def known_environment() -> set[str]:
+    """Every ``POINTGATE_*`` environment variable pointgate reads; any other is a misspelling to warn about."""
+    return {f"POINTGATE_{name.upper()}" for name in Settings.model_fields} | set(_OTHER_ENVIRONMENT)
 
 
 def _redact_dsn(dsn: str) -> str:

@@ -11,9 +11,11 @@ The supervisor (the parent process):
   and the port stays pointgate's while a worker restarts (a bound socket that does not listen gets no connections);
 - starts the embedded PostgreSQL once (when there is no ``--database-url``) and creates the secret key once; the
   workers get the DSN. Migrations run in the workers under the runner's advisory lock: each is applied once;
-- serves the one ops endpoint (and the broker auth endpoints, when configured): ``/readyz`` is ready only when
-  every worker is (each reports its own checks every second, which is also its heartbeat); ``/metrics`` adds the
-  workers' metrics up (prometheus-client multiprocess mode, in a private temporary directory removed at exit)
+- serves the one ops endpoint (and the broker auth endpoints, when configured), the status page at ``/`` among it
+  (the workers' figures added up, their refusals merged); SIGHUP is passed on to every worker; ``/readyz`` is
+  ready only when every worker is (each reports its own checks every second, which is also its heartbeat);
+  ``/metrics`` adds the workers' metrics up (prometheus-client multiprocess mode, in a private temporary directory
+  removed at exit)
   beside the supervisor's own;
 - restarts a worker that dies, after a backoff that doubles while it keeps dying young (within 30 s of starting).
   Five such deaths in a row are a crash loop: logged as an error, shown by ``/readyz``, retried at most every 30 s;
@@ -35,7 +37,8 @@ subscribes again.
 Control socket: a socketpair per worker, one JSON object per line.
 
 - supervisor → worker: ``{"t": "settings", "settings": {...}}`` (the first line), ``{"t": "evict", "key", "serial"}``
-- worker → supervisor: ``{"t": "started"}``, ``{"t": "status", "ready", "checks"}`` (every second),
+- worker → supervisor: ``{"t": "started"}``, ``{"t": "status", "ready", "checks", "parts"}`` (every second; parts:
+  the worker's refusals, notes and models for the status page, ops/status.py),
   ``{"t": "up", "key", "serial", "clean"}``, ``{"t": "down", "key", "serial", "clean"}``
 
 End of file means the other side is gone: a worker whose supervisor died drains and exits by itself.
@@ -62,23 +65,34 @@ from typing import Any
 
 import asyncpg
 import structlog
+from aiohttp import web
 from prometheus_client import multiprocess
 from pydantic import SecretStr
 
 from service import __version__
-from service.app import Service, install_signal_handlers
+from service.app import (
+    Service,
+    State,
+    anonymous_warning,
+    bind_reason,
+    install_signal_handlers,
+    load_all_models,
+    migrate_once,
+)
 from service.broker.config import broker_config
 from service.broker.overrides import PointgateBroker
 from service.devices.auth import DeviceAuthenticator
 from service.devices.brokerauth import check_auth_settings, endpoints
 from service.devices.secretbox import SecretBox, key_path, load_or_create_key
 from service.errors import ConfigError, PointgateError, ServiceFault
-from service.model.thingmodel import load_models
 from service.ops.http import Check, OpsServer, run_checks
 from service.ops.logs import configure_logging, get_logger
 from service.ops.metrics import SupervisorMetrics
+from service.ops.status import Parts, Rates, Snapshot, merge, read_figures
+from service.ops.status import render as render_status
 from service.settings import Settings, parse_bind
-from service.storage.database import database_dsn
+from service.storage.database import announce_serve, database_dsn, retract_serve
+from service.storage.embedded import psql_command
 
 __all__ = ["supervise", "worker_main"]
 
@@ -102,7 +116,7 @@ _EXIT_GRACE = 6.0  # beyond drain_timeout: the replies' flush and the broker's s
 
 async def supervise(settings: Settings) -> int:
     """Run ``settings.workers`` workers until SIGTERM/SIGINT, then drain them; return the exit code."""
-    load_models(settings.models)  # a bad model or TLS setup stops start-up here, once, naming the file
+    load_all_models(settings.models)  # a bad model or TLS setup stops start-up here, once, naming every file
     broker_config(settings)
     check_auth_settings(settings)
     _remove_stale_metrics_dirs()
@@ -116,11 +130,19 @@ async def supervise(settings: Settings) -> int:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
         async with contextlib.AsyncExitStack() as stack:
-            mqtt_bind = _reserve(settings.mqtt_bind, stack)
-            mqtts_bind = _reserve(settings.mqtts_bind, stack) if settings.mqtts_bind else None
+            mqtt_bind = _reserve(settings.mqtt_bind, stack, "--mqtt-bind")
+            mqtts_bind = _reserve(settings.mqtts_bind, stack, "--mqtts-bind") if settings.mqtts_bind else None
             stop = install_signal_handlers(on_second=on_second_signal)
-            dsn = await stack.enter_async_context(database_dsn(settings))
+            if warning := anonymous_warning(settings):
+                log.warning(warning, mqtt=settings.mqtt_bind)
+            # whatever embedded server this finds (its own, or one a killed pointgate left running), it stops on exit
+            dsn = await stack.enter_async_context(database_dsn(settings, own_server=True))
+            stack.callback(retract_serve, announce_serve(settings))
             box = SecretBox(load_or_create_key(key_path(settings)))  # once, before workers would race to create it
+            # a wrong password, a missing database or an edited migration stop start-up here with one line; a
+            # database that is merely down does not (the workers wait for it, and readiness says why)
+            if not await migrate_once(dsn, State({}), fatal_only=True):
+                log.warning("database not ready, the workers wait for it")
             supervisor.worker_settings = {
                 **_plain(settings),
                 "mqtt_bind": mqtt_bind,
@@ -128,8 +150,6 @@ async def supervise(settings: Settings) -> int:
                 "database_url": dsn,
                 "workers": 1,
             }
-            stack.push_async_callback(supervisor.kill)  # whatever happens below, no worker outlives us
-            await supervisor.start()
             # the broker auth endpoints (docs/scale-out.md) are served here too, off unless configured
             pool = await asyncpg.create_pool(dsn, min_size=0, max_size=2, timeout=5)
             stack.push_async_callback(_close_pool, pool)
@@ -137,12 +157,29 @@ async def supervise(settings: Settings) -> int:
                 settings, DeviceAuthenticator(pool, box, allow_anonymous=False, allow_activation=False)
             )
             host, port = parse_bind(settings.http_bind, default_host="127.0.0.1")
-            ops = OpsServer(host, port, supervisor.readiness_checks(), render=supervisor.metrics.render, routes=routes)
-            await ops.start()
+            ops = OpsServer(
+                host,
+                port,
+                supervisor.readiness_checks(),
+                render=supervisor.metrics.render,
+                routes=routes,
+                notes=lambda: supervisor.parts().notes,
+                status_page=supervisor.status_page,
+            )
+            supervisor.ops = ops
+            try:  # before the workers: a busy --http-bind fails before any device can connect
+                await ops.start()
+            except OSError as exc:
+                raise ConfigError(f"--http-bind {host}:{port}: cannot listen: {bind_reason(exc)}") from None
             stack.push_async_callback(ops.stop)
+            stack.push_async_callback(supervisor.kill)  # whatever happens below, no worker outlives us
+            await supervisor.start()
             if auth_server is not None:
                 await auth_server.start()
                 stack.push_async_callback(auth_server.stop)
+            # SIGHUP re-reads the thing models in every worker (`pointgate model reload` reaches them directly)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, supervisor.forward, signal.SIGHUP)
+            rates = asyncio.create_task(supervisor.rates.run())
             log.info(
                 "pointgate started",
                 version=__version__,
@@ -152,9 +189,10 @@ async def supervise(settings: Settings) -> int:
                 mqtts=mqtts_bind,
                 http=f"{host}:{ops.port}",
                 database="embedded" if settings.database_url is None else "external",
-                psql=f"psql '{dsn}'" if settings.database_url is None else None,
+                psql=f"{psql_command()} '{dsn}'" if settings.database_url is None else None,
             )
             await stop.wait()
+            rates.cancel()
             ops.set_draining()
             log.info("draining", deadline_s=settings.drain_timeout, workers=settings.workers)
             clean = await supervisor.drain(settings.drain_timeout + _EXIT_GRACE)
@@ -192,7 +230,7 @@ async def _close_pool(pool: asyncpg.Pool) -> None:
         await asyncio.wait_for(pool.close(), 2)
 
 
-def _reserve(bind: str, stack: contextlib.AsyncExitStack) -> str:
+def _reserve(bind: str, stack: contextlib.AsyncExitStack, option: str) -> str:
     """Bind (never listen) a SO_REUSEPORT socket to ``bind``; return ``HOST:PORT`` with the concrete port."""
     host, port = parse_bind(bind)
     try:
@@ -201,7 +239,7 @@ def _reserve(bind: str, stack: contextlib.AsyncExitStack) -> str:
         )[0]
         sock = socket.socket(family, kind, proto)
     except OSError as exc:
-        raise ConfigError(f"cannot listen on {bind}: {exc.strerror or exc}") from None
+        raise ConfigError(f"{option} {bind}: cannot listen: {bind_reason(exc)}") from None
     stack.callback(sock.close)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -210,7 +248,7 @@ def _reserve(bind: str, stack: contextlib.AsyncExitStack) -> str:
     try:
         sock.bind(address)
     except OSError as exc:
-        raise ConfigError(f"cannot listen on {bind}: {exc.strerror or exc}") from None
+        raise ConfigError(f"{option} {bind}: cannot listen: {bind_reason(exc)}") from None
     port = sock.getsockname()[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -229,6 +267,7 @@ class _Worker:
     status_at: float = 0.0
     devices: int = 0
     deaths: int = 0  # young deaths in a row
+    parts: Parts = field(default_factory=Parts)  # what it reports for the status page
     exit_code: int | None = None
 
     @property
@@ -254,6 +293,9 @@ class Supervisor:
         # session key → (worker index, that worker's connection number): where each device is connected
         self._owners: dict[str, tuple[int, int]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self.ops: OpsServer | None = None
+        self.rates = Rates(self.metrics.registry)
+        self._started_at = time.monotonic()
 
     # start-up ---------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -360,6 +402,8 @@ class Supervisor:
         if kind == "status":
             worker.ready, worker.checks = bool(message["ready"]), dict(message["checks"])
             worker.status_at = time.monotonic()
+            if "parts" in message:
+                worker.parts = Parts.from_json(message["parts"], models=worker.parts.models)
         elif kind == "up":
             self._session_up(worker, str(message["key"]), int(message["serial"]))
         elif kind == "down":
@@ -412,6 +456,35 @@ class Supervisor:
                     with contextlib.suppress(ProcessLookupError):
                         worker.process.kill()
                     worker.status_at = now
+
+    # the status page and SIGHUP ----------------------------------------------------------------------------
+    def parts(self) -> Parts:
+        """The running workers' refusals, notes and models, as one."""
+        return merge({f"worker {w.index}": w.parts for w in self.workers if w.running})
+
+    async def status_page(self, request: web.Request) -> web.Response:
+        """``/``: the status page, with the workers' figures added up."""
+        assert self.ops is not None
+        msg_rate, point_rate = self.rates.per_second()
+        snapshot = Snapshot(
+            version=__version__,
+            uptime_s=time.monotonic() - self._started_at,
+            figures=read_figures(self.metrics.registry),
+            messages_per_s=msg_rate,
+            points_per_s=point_rate,
+            checks=await self.ops.check_results(),
+            parts=self.parts(),
+            keeping_rejected=self.settings.keep_rejected,
+        )
+        return web.Response(text=render_status(snapshot), content_type="text/html", charset="utf-8")
+
+    def forward(self, sig: signal.Signals) -> None:
+        """Pass ``sig`` on to every running worker (SIGHUP: reload the thing models)."""
+        log.info("signal received, passing it to the workers", signal=sig.name)
+        for worker in self.workers:
+            if worker.running and worker.process is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(sig)
 
     # readiness --------------------------------------------------------------------------------------------
     def readiness_checks(self) -> dict[str, Check]:
@@ -533,7 +606,8 @@ async def _worker(sock: socket.socket) -> int:
     # SIGTERM drains; a second one changes nothing, since a whole process group (systemd, `timeout`) may get the
     # operator's SIGTERM beside the one the supervisor forwards. "Now" is the supervisor's SIGKILL.
     stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
     try:
         await service.start()
     except BaseException:
@@ -543,9 +617,10 @@ async def _worker(sock: socket.socket) -> int:
     link.broker = service.broker
     gc.freeze()  # as app.serve does: what start-up built lives until exit
     link.send({"t": "started"})
+    loop.add_signal_handler(signal.SIGHUP, service.reload_requested, "SIGHUP")  # forwarded by the supervisor
     tasks = [
         asyncio.create_task(link.listen(reader, stop.set)),
-        asyncio.create_task(link.report(service.readiness_checks())),
+        asyncio.create_task(link.report(service.readiness_checks(), service.page_parts)),
     ]
     await stop.wait()
     for task in tasks:
@@ -611,10 +686,15 @@ class _Link:
         if entry is not None and entry[1] is connection:
             del self._connections[key]  # a persistent session's entry: the session itself is gone now
 
-    async def report(self, checks: dict[str, Check]) -> None:
-        """Tell the supervisor this worker's readiness every second (also its heartbeat)."""
+    async def report(self, checks: dict[str, Check], parts: Callable[[], Parts]) -> None:
+        """Tell the supervisor this worker's readiness every second (also its heartbeat), and its status page
+        parts (the models only when they changed: a reload)."""
+        sent_models: object = None
         while True:
             results = await run_checks(checks, _STATUS_SECONDS)
             ready = all(result == "ok" for result in results.values())
-            self.send({"t": "status", "ready": ready, "checks": results})
+            now = parts()
+            page = now.to_json(with_models=now.models != sent_models)
+            sent_models = now.models
+            self.send({"t": "status", "ready": ready, "checks": results, "parts": page})
             await asyncio.sleep(_STATUS_SECONDS)

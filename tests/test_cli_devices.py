@@ -78,8 +78,14 @@ def test_list_shows_devices_but_never_secrets(env: dict[str, str]) -> None:
     table = run(env, "list")
     assert table.exit_code == 0, table.output
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["PRODUCT", "KEY", "DEVICE", "KEY", "ENABLED", "GATEWAY", "CREATED"]
-    assert [line.split()[:4] for line in lines[1:]] == [["pkA", "dk1", "yes", "-"], ["pkB", "dk2", "yes", "-"]]
+    assert lines[0].split() == [
+        *("PRODUCT", "KEY", "DEVICE", "KEY", "ENABLED", "STATE", "LAST", "SEEN", "PEER", "CLIENT", "ID"),
+        *("GATEWAY", "CREATED"),
+    ]
+    assert [line.split()[:8] for line in lines[1:]] == [
+        ["pkA", "dk1", "yes", "offline", "never", "-", "-", "-"],
+        ["pkB", "dk2", "yes", "offline", "never", "-", "-", "-"],
+    ]
 
     as_json = run(env, "list", "--json", "--product", "pkB")
     assert [(d["productKey"], d["deviceKey"], d["enabled"]) for d in json.loads(as_json.stdout)] == [
@@ -120,7 +126,7 @@ def test_add_twice_fails_cleanly(env: dict[str, str]) -> None:
     assert run(env, "add", "pk1", "dk1").exit_code == 0
     result = run(env, "add", "pk1", "dk1")
     assert result.exit_code == 1
-    assert result.stderr.strip() == "error: device pk1/dk1 is already registered"
+    assert result.stderr.strip() == "pointgate: error: device pk1/dk1 is already registered"
     assert result.stdout == ""
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
@@ -129,11 +135,11 @@ def test_add_twice_fails_cleanly(env: dict[str, str]) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["disable", "pk1", "nope"], "error: device pk1/nope is not registered"),
-        (["enable", "pk1", "nope"], "error: device pk1/nope is not registered"),
-        (["rotate", "pk1", "nope"], "error: device pk1/nope is not registered"),
-        (["add", "pk1", "d/k"], "error: invalid device key 'd/k': must not contain '/'"),
-        (["add", "pk1", "sub", "--gateway", "pk1/ghost"], "error: gateway pk1/ghost is not registered"),
+        (["disable", "pk1", "nope"], "pointgate: error: device pk1/nope is not registered"),
+        (["enable", "pk1", "nope"], "pointgate: error: device pk1/nope is not registered"),
+        (["rotate", "pk1", "nope"], "pointgate: error: device pk1/nope is not registered"),
+        (["add", "pk1", "d/k"], "pointgate: error: invalid device key 'd/k': must not contain '/'"),
+        (["add", "pk1", "sub", "--gateway", "pk1/ghost"], "pointgate: error: gateway pk1/ghost is not registered"),
     ],
 )
 def test_registry_errors_are_one_line_messages(env: dict[str, str], args: list[str], message: str) -> None:
@@ -166,7 +172,7 @@ def test_unreachable_database_is_a_clear_error(env: dict[str, str]) -> None:
     env = {**env, "POINTGATE_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"}
     result = run(env, "list")
     assert result.exit_code == 1
-    assert result.stderr.startswith("error: ")
+    assert result.stderr.startswith("pointgate: error: ")
     assert "Traceback" not in result.output
 
 

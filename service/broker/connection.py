@@ -38,6 +38,7 @@ from service.broker import acl
 from service.ops import metrics
 from service.ops.logs import get_logger
 from service.protocol import replies
+from service.protocol.envelope import PEEK_BYTES, peek_id
 from service.protocol.replies import ReplyCode
 from service.protocol.topics import (
     DeviceRequest,
@@ -95,8 +96,10 @@ class RequestHandler(Protocol):
     ) -> None:
         """Decide on a request; answer ``ticket`` now (refused) or once its rows are committed."""
 
-    def reject_oversize(self, topic: RequestTopic, size: int, ticket: Ticket, *, client_id: str) -> None:
-        """Answer a request whose packet exceeded the size limit."""
+    def reject_oversize(
+        self, topic: RequestTopic, size: int, ticket: Ticket, *, client_id: str, request_id: Any = None
+    ) -> None:
+        """Answer a request whose packet exceeded the size limit (``request_id``: from its first bytes)."""
 
 
 class RequestRouter(Protocol):
@@ -670,12 +673,13 @@ class Connection(BrokerProtocolHandler):
         reply_topic = request.reply_topic if request is not None else None
         ticket = _Ticket(self, packet_id or None, reply_topic)
         self._pending.append(ticket)
+        prefix = bytes(buf[head_end : min(size, head_end + PEEK_BYTES)])  # what has arrived of its payload
         if isinstance(request, RequestTopic) and ingest is not None:
-            ingest.reject_oversize(request, length, ticket, client_id=self.client_id)
+            ingest.reject_oversize(request, length, ticket, client_id=self.client_id, request_id=peek_id(prefix))
         elif request is not None and reply_topic is not None and self._routed(request):
             detail = replies.too_large(length, self.limits.max_packet_bytes, what="packet")
             metrics.REPLIES.labels(code=str(int(ReplyCode.MESSAGE_TOO_LARGE))).inc()
-            ticket.answer(replies.encode(None, ReplyCode.MESSAGE_TOO_LARGE, detail))
+            ticket.answer(replies.encode(peek_id(prefix), ReplyCode.MESSAGE_TOO_LARGE, detail))
         else:
             ticket.done = True
         if end > size:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from functools import partial
 from typing import Any, Protocol
 
@@ -71,6 +71,8 @@ class Ingest:
         # (gateway, sub-device) pairs from the registry, refreshed by the service (app.py)
         self.sub_devices: frozenset[tuple[tuple[str, str], tuple[str, str]]] = frozenset()
         self._counters: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        # ops hook (service/ops/rejected.py): each refused request (client id, topic, code, reason, payload, size)
+        self.on_reject: Callable[[str, RequestTopic, int, str, bytes, int], None] | None = None
 
     def _registered_sub_device(self, gateway: tuple[str, str], sub_device: tuple[str, str]) -> bool:
         return (gateway, sub_device) in self.sub_devices
@@ -104,17 +106,23 @@ class Ingest:
         if not outcome.accepted:
             self._log_rejection(client_id, topic, outcome.code, outcome.message)
             self._count(topic, "rejected", outcome.code)
+            if self.on_reject is not None:
+                self.on_reject(client_id, topic, int(outcome.code), outcome.message, payload, len(payload))
             ticket.answer(outcome.reply())
             return
         committed = self._points.submit(outcome.rows)
         committed.add_done_callback(partial(self._on_commit, topic, outcome, ticket))
 
-    def reject_oversize(self, topic: RequestTopic, size: int, ticket: Ticket, *, client_id: str) -> None:
-        """A request too large to read: 1008 on its reply topic (its id is unknown: null)."""
+    def reject_oversize(
+        self, topic: RequestTopic, size: int, ticket: Ticket, *, client_id: str, request_id: Any = None
+    ) -> None:
+        """A request too large to read: 1008 on its reply topic, echoing the id found in its first bytes (or null)."""
         detail = replies.too_large(size, self._max_bytes, what="packet")
         self._log_rejection(client_id, topic, ReplyCode.MESSAGE_TOO_LARGE, detail)
         self._count(topic, "rejected", ReplyCode.MESSAGE_TOO_LARGE)
-        ticket.answer(replies.encode(None, ReplyCode.MESSAGE_TOO_LARGE, detail))
+        if self.on_reject is not None:
+            self.on_reject(client_id, topic, int(ReplyCode.MESSAGE_TOO_LARGE), detail, b"", size)
+        ticket.answer(replies.encode(request_id, ReplyCode.MESSAGE_TOO_LARGE, detail))
 
     def _on_commit(self, topic: RequestTopic, outcome: Outcome, ticket: Ticket, done: asyncio.Future[None]) -> None:
         if done.cancelled():

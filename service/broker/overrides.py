@@ -57,6 +57,7 @@ import logging
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from math import floor
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -302,6 +303,8 @@ class PointgateBroker(Broker):
         self._subscriptions = _Subscriptions()
         self._index = TopicIndex()
         self._session_filters: dict[str, dict[str, int]] = {}  # client id -> {filter: granted qos}
+        # ops hook (service/devices/presence.py): told of each signed-in device's connect and disconnect
+        self.on_session: Callable[[bool, Session], None] | None = None
 
     # B1 ------------------------------------------------------------------------------------------------
     async def _initialize_client_session(
@@ -364,6 +367,8 @@ class PointgateBroker(Broker):
             # right after the CONNACK, unsubscribed, as EnOS does: the SDKs take it as a command
             handler.send(activate_info_topic(*identity), activate_info(*identity, activated_secret), 1)
         metrics.CONNECTED_DEVICES.inc()
+        if self.on_session is not None:
+            self.on_session(True, session)
         try:
             await self.plugins_manager.fire_event(
                 BrokerEvents.CLIENT_CONNECTED, client_id=session.client_id, client_session=session
@@ -427,7 +432,10 @@ class PointgateBroker(Broker):
         will_topic = session.will_topic or ""
         if session.will_flag and not (valid_topic(will_topic) and acl.may_publish(_identity(session), will_topic)):
             metrics.AUTH_FAILURES.labels(reason="will_topic_denied").inc()
-            log.info("will topic outside the device's topics, refusing", extra={"client_id": session.client_id})
+            from service.broker.plugins import log_refused_login
+
+            device = _identity(session) or (None, None)
+            log_refused_login(session, device[0], device[1], "will_topic_denied")
             return False
         return True
 
@@ -449,6 +457,8 @@ class PointgateBroker(Broker):
         metrics.CONNECTED_DEVICES.dec()
         if self.session_events is not None:  # W1
             self.session_events.disconnected(client_session.client_id, handler, client_session.clean_session)
+        if self.on_session is not None:
+            self.on_session(False, client_session)
         await self.plugins_manager.fire_event(
             BrokerEvents.CLIENT_DISCONNECTED, client_id=client_session.client_id, client_session=client_session
         )
@@ -698,6 +708,16 @@ class PointgateBroker(Broker):
     def replies_pending(self) -> bool:
         """Whether replies are still on their way to a device."""
         return any(isinstance(handler, Connection) and handler.busy() for _, handler in self._sessions.values())
+
+    # ops: close a device's connections (device disabled, rotated or deleted; service/devices/presence.py) ------
+    def close_device(self, product_key: str, device_key: str) -> int:
+        """Close every live connection signed in as this device; return how many were closed."""
+        closing = 0
+        for session, handler in list(self._sessions.values()):
+            if _identity(session) == (product_key, device_key) and session.transitions.state == "connected":
+                handler.close("device changed in the registry")
+                closing += 1
+        return closing
 
     def publish_reply(self, topic: str, payload: bytes) -> None:
         """Deliver a reply to whoever subscribed to ``topic`` (QoS 1, downgraded per subscriber, not retained)."""

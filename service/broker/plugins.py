@@ -14,6 +14,21 @@ from amqtt.session import Session
 
 from service.broker.overrides import authenticator_of
 from service.ops import metrics
+from service.ops.logs import get_logger
+
+_log = get_logger("pointgate.login")
+
+
+def log_refused_login(session: Session, product_key: str | None, device_key: str | None, reason: str) -> None:
+    """One line per refused login: who claimed to be whom, from where, and why; never the password."""
+    _log.info(
+        "login refused",
+        product=product_key,
+        device=device_key,
+        client_id=session.client_id,
+        peer=f"{session.remote_address}:{session.remote_port}",
+        reason=reason,
+    )
 
 
 class LoginResult(Protocol):
@@ -49,6 +64,7 @@ class DeviceAuthPlugin(BaseAuthPlugin):
         if not result.ok:
             metrics.AUTH_FAILURES.labels(reason=result.reason or "refused").inc()
             session.attributes.pop("device", None)
+            log_refused_login(session, result.product_key, result.device_key, result.reason or "refused")
             return False
         if result.product_key and result.device_key:
             session.attributes["device"] = (result.product_key, result.device_key)

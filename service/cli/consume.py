@@ -68,7 +68,9 @@ def consume(
     log_format: Annotated[str | None, typer.Option(help="auto, json or console.")] = None,
 ) -> None:
     """Consume requests from a cluster broker's shared subscriptions; PUBACK and reply after the commit."""
-    from service.cli.main import _guard, _run, _settings
+    from service.cli.common import guard as _guard
+    from service.cli.common import settings_from as _settings
+    from service.cli.main import _run
     from service.ops.logs import configure_logging
 
     settings = _settings(

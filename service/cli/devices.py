@@ -1,36 +1,49 @@
-"""``pointgate device …``: register devices, list them, switch them on and off, rotate their secrets.
+"""``pointgate device …``: register devices, see who is connected, switch them on and off, rotate their secrets.
 
 Each command opens one connection, brings the schema up to date (so ``device add`` works on a fresh
-install), and does one registry operation. Secrets are printed only by ``add`` and ``rotate``, on stdout
-alone so a script can capture them; ``list`` never shows them.
+install), and does one registry operation. Secrets are printed only by ``add``, ``rotate`` and
+``credentials``, on stdout alone so a script can capture them; ``list`` and ``show`` never show them.
+Disabling, rotating or deleting a device closes its live connections within seconds: the registry's trigger
+notifies every running ``serve`` (migrations, ``pointgate_devices`` channel).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, NoReturn, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
 import asyncpg
 import typer
 
+from service.cli.common import ConfigOpt, DatabaseOpt, DataDirOpt, guard, remember, settings_from, warn
 from service.devices import registry as devices
 from service.devices.secretbox import SecretBox, key_path, load_or_create_key
-from service.errors import ConfigError, DeviceNotFound, PointgateError
+from service.errors import DeviceNotFound
 from service.resources import migrations_dir
-from service.settings import Settings, load_settings
+from service.settings import Settings
 from service.storage import database
 from service.storage.migrate import apply_migrations
 
 T = TypeVar("T")
 
-app = typer.Typer(help="Register devices and manage their secrets.", no_args_is_help=True)
+app = typer.Typer(help="Register devices, see who is connected, manage their secrets.", no_args_is_help=True)
 
 ProductKey = Annotated[str, typer.Argument(help="the device's product key")]
 DeviceKey = Annotated[str, typer.Argument(help="the device key")]
 SecretOpt = Annotated[str | None, typer.Option("--secret", help="use this secret instead of generating one")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
+@app.callback()
+def device_options(
+    ctx: typer.Context, config: ConfigOpt = None, database_url: DatabaseOpt = None, data_dir: DataDirOpt = None
+) -> None:
+    """Register devices, see who is connected, manage their secrets."""
+    remember(ctx, config=config, database_url=database_url, data_dir=data_dir)
 
 
 def _parse_gateway(value: str | None) -> tuple[str, str] | None:
@@ -52,14 +65,34 @@ def add(
         str | None, typer.Option("--gateway", metavar="PK/DK", help="the gateway this sub-device reports through")
     ] = None,
     as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+    data_dir: DataDirOpt = None,
 ) -> None:
     """Register a device and print its secret (generated unless --secret is given)."""
     gateway_keys = _parse_gateway(gateway)
+    settings = settings_from(ctx, config=config, database_url=database_url, data_dir=data_dir)
     new = _run(
-        ctx,
+        settings,
         lambda conn, box: devices.add_device(conn, box(), product_key, device_key, secret=secret, gateway=gateway_keys),
     )
+    _warn_without_model(settings.models, product_key)
     _print_secret(product_key, device_key, new, as_json=as_json, what="registered")
+
+
+def _warn_without_model(models: Path, product_key: str) -> None:
+    from service.errors import ModelError
+    from service.model.thingmodel import load_models
+
+    try:
+        known = load_models(models)
+    except ModelError:
+        return  # `model check` and `serve` report a broken model directory; not this command's business
+    if product_key not in known:
+        warn(
+            f"no thing model for product {product_key!r} in {models}: its devices can log in, but every "
+            f"measurement they send is refused (1204) until {models}/{product_key}.json exists"
+        )
 
 
 @app.command("list")
@@ -67,39 +100,107 @@ def list_(
     ctx: typer.Context,
     product: Annotated[str | None, typer.Option("--product", help="only this product's devices")] = None,
     as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+    data_dir: DataDirOpt = None,
 ) -> None:
-    """List registered devices (never their secrets)."""
-    found = _run(ctx, lambda conn, _box: devices.list_devices(conn, product_key=product))
+    """List registered devices with their connection state (never their secrets)."""
+    settings = settings_from(ctx, config=config, database_url=database_url, data_dir=data_dir)
+    found = _run(settings, lambda conn, _box: devices.list_devices(conn, product_key=product))
     if as_json:
         typer.echo(json.dumps([_device_json(d) for d in found], indent=2))
         return
-    rows = [("PRODUCT KEY", "DEVICE KEY", "ENABLED", "GATEWAY", "CREATED")]
+    rows: list[tuple[str, ...]] = [
+        ("PRODUCT KEY", "DEVICE KEY", "ENABLED", "STATE", "LAST SEEN", "PEER", "CLIENT ID", "GATEWAY", "CREATED")
+    ]
     rows += [
         (
             d.product_key,
             d.device_key,
             "yes" if d.enabled else "no",
+            "online" if d.online else "offline",
+            d.last_seen.isoformat(timespec="seconds") if d.last_seen else "never",
+            d.peer or "-",
+            d.client_id or "-",
             "/".join(d.gateway) if d.gateway else "-",
             d.created_at.isoformat(timespec="seconds"),
         )
         for d in found
     ]
+    _table(rows)
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 @app.command()
-def disable(ctx: typer.Context, product_key: ProductKey, device_key: DeviceKey) -> None:
-    """Refuse the device's new logins (existing sessions are not closed by this command)."""
-    _run(ctx, lambda conn, _box: devices.set_enabled(conn, product_key, device_key, False))
+def show(
+    ctx: typer.Context,
+    product_key: ProductKey,
+    device_key: DeviceKey,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """One device: enabled, gateway, connection state, last seen, peer address and client id."""
+    settings = settings_from(ctx, config=config, database_url=database_url, data_dir=data_dir)
+    found = _run(settings, lambda conn, _box: devices.require_device(conn, product_key, device_key))
+    shown = _device_json(found)
+    if as_json:
+        typer.echo(json.dumps(shown, indent=2))
+        return
+    for key, value in shown.items():
+        if isinstance(value, dict):
+            value = f"{value['productKey']}/{value['deviceKey']}"
+        typer.echo(f"{key + ':':<13} {'-' if value is None else value}")
+
+
+@app.command()
+def delete(
+    ctx: typer.Context,
+    product_key: ProductKey,
+    device_key: DeviceKey,
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Remove a device from the registry (its stored points stay); its live connections are closed."""
+    settings = settings_from(ctx, config=config, database_url=database_url, data_dir=data_dir)
+    _run(settings, lambda conn, _box: devices.delete_device(conn, product_key, device_key))
+    typer.echo(f"deleted {product_key}/{device_key}")
+
+
+@app.command()
+def disable(
+    ctx: typer.Context,
+    product_key: ProductKey,
+    device_key: DeviceKey,
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Refuse the device's logins and close its live connections."""
+    settings = settings_from(ctx, config=config, database_url=database_url, data_dir=data_dir)
+    _run(settings, lambda conn, _box: devices.set_enabled(conn, product_key, device_key, False))
     typer.echo(f"disabled {product_key}/{device_key}")
 
 
 @app.command()
-def enable(ctx: typer.Context, product_key: ProductKey, device_key: DeviceKey) -> None:
+def enable(
+    ctx: typer.Context,
+    product_key: ProductKey,
+    device_key: DeviceKey,
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
     """Allow a disabled device to log in again."""
-    _run(ctx, lambda conn, _box: devices.set_enabled(conn, product_key, device_key, True))
+    settings = settings_from(ctx, config=config, database_url=database_url, data_dir=data_dir)
+    _run(settings, lambda conn, _box: devices.set_enabled(conn, product_key, device_key, True))
     typer.echo(f"enabled {product_key}/{device_key}")
 
 
@@ -110,9 +211,13 @@ def rotate(
     device_key: DeviceKey,
     secret: SecretOpt = None,
     as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+    data_dir: DataDirOpt = None,
 ) -> None:
-    """Give a device a new secret and print it; the old secret stops working."""
-    new = _run(ctx, lambda conn, box: devices.rotate_secret(conn, box(), product_key, device_key, secret=secret))
+    """Give a device a new secret and print it; the old secret stops working and live connections close."""
+    settings = settings_from(ctx, config=config, database_url=database_url, data_dir=data_dir)
+    new = _run(settings, lambda conn, box: devices.rotate_secret(conn, box(), product_key, device_key, secret=secret))
     _print_secret(product_key, device_key, new, as_json=as_json, what="new secret for")
 
 
@@ -121,6 +226,15 @@ topo_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(topo_app, name="topo")
+
+
+@topo_app.callback()
+def topo_options(
+    ctx: typer.Context, config: ConfigOpt = None, database_url: DatabaseOpt = None, data_dir: DataDirOpt = None
+) -> None:
+    """A gateway's topology: which sub-devices report through it."""
+    remember(ctx, config=config, database_url=database_url, data_dir=data_dir)
+
 
 GatewayArg = Annotated[str, typer.Argument(metavar="GATEWAY", help="the gateway, PRODUCT_KEY/DEVICE_KEY")]
 SubDevicesArg = Annotated[list[str], typer.Argument(metavar="SUB_DEVICE...", help="PRODUCT_KEY/DEVICE_KEY each")]
@@ -140,20 +254,36 @@ def _parse_key(value: str) -> tuple[str, str]:
 
 
 @topo_app.command("add")
-def topo_add(ctx: typer.Context, gateway: GatewayArg, sub_devices: SubDevicesArg) -> None:
+def topo_add(
+    ctx: typer.Context,
+    gateway: GatewayArg,
+    sub_devices: SubDevicesArg,
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
     """Make devices sub-devices of GATEWAY: all of them, or none (one of another gateway, the gateway itself…)."""
+    settings = settings_from(ctx, config=config, database_url=database_url, data_dir=data_dir)
     gateway_keys, keys = _parse_key(gateway), _keys(sub_devices)
 
     async def attach(conn: asyncpg.Connection, _box: Callable[[], SecretBox]) -> None:
         await devices.attach_sub_devices(conn, gateway_keys, keys)
 
-    _run(ctx, attach)
+    _run(settings, attach)
     typer.echo(f"{gateway}: added {' '.join(sub_devices)}")
 
 
 @topo_app.command("get")
-def topo_get(ctx: typer.Context, gateway: GatewayArg, as_json: JsonOpt = False) -> None:
+def topo_get(
+    ctx: typer.Context,
+    gateway: GatewayArg,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
     """List GATEWAY's sub-devices, one PRODUCT_KEY/DEVICE_KEY a line."""
+    settings = settings_from(ctx, config=config, database_url=database_url, data_dir=data_dir)
     gateway_keys = _parse_key(gateway)
 
     async def read(conn: asyncpg.Connection, _box: Callable[[], SecretBox]) -> list[tuple[str, str]]:
@@ -161,7 +291,7 @@ def topo_get(ctx: typer.Context, gateway: GatewayArg, as_json: JsonOpt = False) 
             raise DeviceNotFound(*gateway_keys, role="gateway")
         return await devices.sub_devices_of(conn, gateway_keys)
 
-    found = _run(ctx, read)
+    found = _run(settings, read)
     if as_json:
         typer.echo(json.dumps([{"productKey": pk, "deviceKey": dk} for pk, dk in found]))
         return
@@ -170,15 +300,53 @@ def topo_get(ctx: typer.Context, gateway: GatewayArg, as_json: JsonOpt = False) 
 
 
 @topo_app.command("delete")
-def topo_delete(ctx: typer.Context, gateway: GatewayArg, sub_devices: SubDevicesArg) -> None:
+def topo_delete(
+    ctx: typer.Context,
+    gateway: GatewayArg,
+    sub_devices: SubDevicesArg,
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
     """Remove sub-devices from GATEWAY (all or none); a running service ends their sessions within seconds."""
+    settings = settings_from(ctx, config=config, database_url=database_url, data_dir=data_dir)
     gateway_keys, keys = _parse_key(gateway), _keys(sub_devices)
 
     async def detach(conn: asyncpg.Connection, _box: Callable[[], SecretBox]) -> None:
         await devices.detach_sub_devices(conn, gateway_keys, keys)
 
-    _run(ctx, detach)
+    _run(settings, detach)
     typer.echo(f"{gateway}: removed {' '.join(sub_devices)}")
+
+
+@app.command()
+def credentials(
+    ctx: typer.Context,
+    product_key: ProductKey,
+    device_key: DeviceKey,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Print a ready-to-use MQTT client id, username and password for the device (a quick test with any client)."""
+    from service.protocol.signing import expected_password, parse_login
+
+    settings = settings_from(ctx, config=config, database_url=database_url, data_dir=data_dir)
+    secret, enabled = _run(
+        settings, lambda conn, box: devices.require_credentials(conn, box(), product_key, device_key)
+    )
+    client_id = f"{device_key}|securemode=2,signmethod=sha256,timestamp={int(time.time() * 1000)}|"
+    username = f"{device_key}&{product_key}"
+    password = expected_password(parse_login(client_id, username), secret)
+    if not enabled:
+        warn(f"device {product_key}/{device_key} is disabled: these credentials are refused until `device enable`")
+    if as_json:
+        typer.echo(json.dumps({"clientId": client_id, "username": username, "password": password}))
+        return
+    typer.echo(f"client id: {client_id}")
+    typer.echo(f"username:  {username}")
+    typer.echo(f"password:  {password}")
 
 
 def _print_secret(product_key: str, device_key: str, secret: str, *, as_json: bool, what: str) -> None:
@@ -198,32 +366,19 @@ def _device_json(device: devices.Device) -> dict[str, Any]:
         "enabled": device.enabled,
         "gateway": {"productKey": gateway[0], "deviceKey": gateway[1]} if gateway else None,
         "createdAt": device.created_at.isoformat(),
+        "online": device.online,
+        "lastSeen": device.last_seen.isoformat() if device.last_seen else None,
+        "peer": device.peer,
+        "clientId": device.client_id,
     }
 
 
 Operation = Callable[[asyncpg.Connection, Callable[[], SecretBox]], Awaitable[T]]
 
 
-def _run(ctx: typer.Context, operation: Operation[T]) -> T:
-    """Run one registry operation against the configured database; turn every expected failure into a message."""
-    try:
-        return asyncio.run(_with_registry(_settings(ctx), operation))
-    except ConfigError as exc:
-        _fail(str(exc), code=2)
-    except PointgateError as exc:  # DeviceExists, DeviceNotFound, InvalidKey, DatabaseError, MigrationError…
-        _fail(str(exc))
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        _fail(f"database: {exc}")
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    # the main CLI hands down its shared flags (--config, --database-url, --data-dir) as a dict of overrides;
-    # a caller embedding this app may hand down finished Settings instead
-    if isinstance(ctx.obj, Settings):
-        return ctx.obj
-    overrides: dict[str, Any] = dict(ctx.obj) if isinstance(ctx.obj, dict) else {}
-    config_file = overrides.pop("config", None)
-    return load_settings(overrides, config_file=config_file)
+def _run(settings: Settings, operation: Operation[T]) -> T:
+    """Run one registry operation against the configured database; every expected failure is one line."""
+    return guard(lambda: asyncio.run(_with_registry(settings, operation)))
 
 
 async def _with_registry(settings: Settings, operation: Operation[T]) -> T:
@@ -234,8 +389,3 @@ async def _with_registry(settings: Settings, operation: Operation[T]) -> T:
     async with database.connect(settings) as conn:
         await apply_migrations(conn, migrations_dir())
         return await operation(conn, box)
-
-
-def _fail(message: str, *, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)

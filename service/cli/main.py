@@ -1,22 +1,23 @@
-"""The ``pointgate`` command: serve, migrate, model check, config show, device …, product ….
+"""The ``pointgate`` command: serve, migrate, model check, config show, device …, product …, rejected ….
 
-Every option is also a ``POINTGATE_<NAME>`` environment variable (through `Settings`); a flag wins over the
-environment, which wins over the TOML file. Operator mistakes end with one clear line on stderr and a
-non-zero exit, never a traceback.
+Every setting is a flag of ``serve`` and a ``POINTGATE_<NAME>`` environment variable (through `Settings`); a flag
+wins over the environment, which wins over the TOML file. ``--config``, ``--database-url`` and ``--data-dir``
+are accepted before the command, after it, and between a group and its command, by every command that touches
+the database. Operator mistakes end with ``pointgate: error: …`` on stderr and a non-zero exit (common.py),
+never a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-from service.errors import ConfigError, PointgateError
-from service.settings import Settings, load_settings
+from service.cli.common import ConfigOpt, DatabaseOpt, DataDirOpt, fail, guard, remember, settings_from, warn
+from service.settings import known_environment
 
 app = typer.Typer(
     name="pointgate",
@@ -30,49 +31,20 @@ config_app = typer.Typer(help="Settings.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(config_app, name="config")
 
-T = TypeVar("T")
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML settings file (env POINTGATE_CONFIG).")]
-DatabaseOpt = Annotated[
-    str | None, typer.Option("--database-url", help="PostgreSQL DSN; unset: embedded PostgreSQL under --data-dir.")
-]
-DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Where the embedded database and keys live.")]
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"pointgate: {message}", err=True)
-    return typer.Exit(code)
-
-
-def _guard(action: Callable[[], T]) -> T:
-    """Run ``action``; turn our own errors into a message and an exit code."""
-    try:
-        return action()
-    except ConfigError as exc:
-        raise _fail(str(exc), 2) from None
-    except PointgateError as exc:
-        raise _fail(str(exc), 1) from None
-    except OSError as exc:
-        raise _fail(str(exc), 1) from None
-
-
-def _settings(ctx: typer.Context, **overrides: Any) -> Settings:
-    base: dict[str, Any] = dict(ctx.obj or {}) if isinstance(ctx.obj, dict) else {}
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    config_file = base.pop("config", None)
-    return _guard(lambda: load_settings(base, config_file=config_file))
-
 
 @app.callback()
 def main_options(
     ctx: typer.Context, config: ConfigOpt = None, database_url: DatabaseOpt = None, data_dir: DataDirOpt = None
 ) -> None:
     """Options every command shares."""
+    from service.cli.common import unknown_environment
     from service.ops.logs import configure_logging
 
     # stdout is each command's result (a secret, JSON); diagnostics go to stderr. `serve` reconfigures.
     configure_logging(level="INFO", json=False, stderr=True)
-    ctx.obj = {"config": config, "database_url": database_url, "data_dir": data_dir}
+    for problem in unknown_environment(known_environment()):
+        warn(problem)
+    remember(ctx, config=config, database_url=database_url, data_dir=data_dir)
 
 
 @app.command()
@@ -101,11 +73,58 @@ def serve(
             "--allow-anonymous/--no-allow-anonymous", help="Let devices connect without credentials (development only)."
         ),
     ] = None,
+    secret_key_file: Annotated[
+        Path | None, typer.Option(help="Key that encrypts device secrets [<data-dir>/secret.key].")
+    ] = None,
+    max_payload_bytes: Annotated[int | None, typer.Option(help="Larger requests get 1008 [524288].")] = None,
+    connect_timeout: Annotated[
+        float | None, typer.Option(help="Seconds a new connection has to send CONNECT [10].")
+    ] = None,
+    drain_timeout: Annotated[float | None, typer.Option(help="Seconds to commit queued data on SIGTERM [8].")] = None,
+    write_batch_points: Annotated[int | None, typer.Option(help="Most points in one transaction [5000].")] = None,
+    write_connections: Annotated[int | None, typer.Option(help="Database connections writing in parallel [2].")] = None,
+    max_inflight_requests: Annotated[
+        int | None, typer.Option(help="Requests of one connection awaiting their commit [32].")
+    ] = None,
+    max_queued_bytes: Annotated[int | None, typer.Option(help="Bytes waiting towards one device [1048576].")] = None,
+    max_subscriptions: Annotated[int | None, typer.Option(help="Subscriptions one session may hold [100].")] = None,
+    max_wildcard_subscriptions: Annotated[
+        int | None, typer.Option(help="Wildcard subscriptions one session may hold [10].")
+    ] = None,
+    max_qos2_inflight: Annotated[
+        int | None, typer.Option(help="QoS 2 messages a connection may leave unreleased [16].")
+    ] = None,
+    session_expiry: Annotated[
+        float | None, typer.Option(help="Seconds a persistent session outlives its connection [86400].")
+    ] = None,
+    keep_rejected: Annotated[
+        bool | None,
+        typer.Option("--keep-rejected/--no-keep-rejected", help="Keep refused requests for `pointgate rejected` [on]."),
+    ] = None,
+    rejected_payload_bytes: Annotated[
+        int | None, typer.Option(help="Most payload bytes kept per refused request [65536].")
+    ] = None,
+    rejected_max_count: Annotated[int | None, typer.Option(help="Most refused requests kept [100000].")] = None,
+    rejected_max_age: Annotated[
+        str | None, typer.Option(help="Refused requests older than this are dropped, e.g. 7d, 12h [7d].")
+    ] = None,
+    partition_width: Annotated[str | None, typer.Option(help="Time range of one points partition [1d].")] = None,
+    partitions_ahead: Annotated[int | None, typer.Option(help="Partitions kept created ahead of now [3].")] = None,
+    partition_backfill: Annotated[
+        str | None, typer.Option(help="How far back partitions are created on demand [365d].")
+    ] = None,
+    retention: Annotated[str | None, typer.Option(help="Drop partitions older than this, e.g. 90d [keep all].")] = None,
+    embedded_user: Annotated[
+        str | None, typer.Option(help="User that runs the embedded PostgreSQL when root [postgres, else nobody].")
+    ] = None,
+    embedded_port: Annotated[
+        int | None, typer.Option(help="Also expose the embedded PostgreSQL on 127.0.0.1:PORT [socket only].")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = None,
     log_format: Annotated[str | None, typer.Option(help="auto, json or console.")] = None,
 ) -> None:
     """Run the broker."""
-    settings = _settings(
+    settings = settings_from(
         ctx,
         mqtt_bind=mqtt_bind,
         mqtts_bind=mqtts_bind,
@@ -118,6 +137,28 @@ def serve(
         models=models,
         workers=workers,
         allow_anonymous=allow_anonymous,
+        secret_key_file=secret_key_file,
+        max_payload_bytes=max_payload_bytes,
+        connect_timeout=connect_timeout,
+        drain_timeout=drain_timeout,
+        write_batch_points=write_batch_points,
+        write_connections=write_connections,
+        max_inflight_requests=max_inflight_requests,
+        max_queued_bytes=max_queued_bytes,
+        max_subscriptions=max_subscriptions,
+        max_wildcard_subscriptions=max_wildcard_subscriptions,
+        max_qos2_inflight=max_qos2_inflight,
+        session_expiry=session_expiry,
+        keep_rejected=keep_rejected,
+        rejected_payload_bytes=rejected_payload_bytes,
+        rejected_max_count=rejected_max_count,
+        rejected_max_age=rejected_max_age,
+        partition_width=partition_width,
+        partitions_ahead=partitions_ahead,
+        partition_backfill=partition_backfill,
+        retention=retention,
+        embedded_user=embedded_user,
+        embedded_port=embedded_port,
         log_level=log_level,
         log_format=log_format,
     )
@@ -127,7 +168,7 @@ def serve(
     configure_logging(
         level=settings.log_level, json={"auto": None, "json": True, "console": False}[settings.log_format]
     )
-    code = _guard(lambda: _run(run(settings)))
+    code = guard(lambda: _run(run(settings)))
     raise typer.Exit(code)
 
 
@@ -140,9 +181,11 @@ def _run(coro: Any) -> Any:
 
 
 @app.command()
-def migrate(ctx: typer.Context, database_url: DatabaseOpt = None, data_dir: DataDirOpt = None) -> None:
+def migrate(
+    ctx: typer.Context, config: ConfigOpt = None, database_url: DatabaseOpt = None, data_dir: DataDirOpt = None
+) -> None:
     """Apply the SQL migrations (idempotent; safe to run twice or concurrently)."""
-    settings = _settings(ctx, database_url=database_url, data_dir=data_dir)
+    settings = settings_from(ctx, config=config, database_url=database_url, data_dir=data_dir)
 
     async def run() -> list[Any]:
         from service.resources import migrations_dir
@@ -152,7 +195,7 @@ def migrate(ctx: typer.Context, database_url: DatabaseOpt = None, data_dir: Data
         async with connect(settings) as conn:
             return await apply_migrations(conn, migrations_dir())
 
-    applied = _guard(lambda: asyncio.run(run()))
+    applied = guard(lambda: asyncio.run(run()))
     for migration in applied:
         typer.echo(f"applied {migration.version:04d} {migration.name}")
     typer.echo(f"{len(applied)} migration(s) applied; schema is current")
@@ -168,24 +211,59 @@ def model_check(
     """Validate thing model files; exit non-zero naming each bad file and why."""
     from service.model.thingmodel import check_paths, load_models
 
-    targets = paths or [_settings(ctx).models]
+    targets = paths or [settings_from(ctx).models]
     errors = check_paths(targets)
-    for error in errors:
-        typer.echo(f"error: {error}", err=True)
     if errors:
-        raise typer.Exit(1)
+        fail("\n".join(str(error) for error in errors), 2)
     count = sum(len(load_models(p)) if p.is_dir() else 1 for p in targets)
     typer.echo(f"ok: {count} thing model(s) valid")
+
+
+@model_app.command("reload")
+def model_reload(
+    ctx: typer.Context,
+    wait: Annotated[float, typer.Option("--wait", help="seconds to wait for the answers of running serves")] = 3.0,
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Make every running serve re-read its thing models (same as SIGHUP); a bad set is refused, the old kept."""
+    from service.model.reload import request_reload
+    from service.model.thingmodel import check_paths
+    from service.storage import database
+
+    settings = settings_from(ctx, config=config, database_url=database_url, data_dir=data_dir)
+    errors = check_paths([settings.models])
+    if errors:  # the same files serve would read (when it runs here): refuse before asking
+        fail("\n".join(f"{error} (not reloaded)" for error in errors), 2)
+
+    async def run() -> list[Any]:
+        database.check_embedded_choice(settings)
+        async with database.database_dsn(settings) as dsn:
+            conn = await database.open_connection(dsn)
+            try:
+                return await request_reload(conn, wait_s=wait)
+            finally:
+                await conn.close()
+
+    answers = guard(lambda: asyncio.run(run()))
+    if not answers:
+        fail(f"no running serve answered within {wait:g} s (is one running on this database?)")
+    for answer in answers:
+        typer.echo(f"{answer.instance}: {'reloaded' if answer.ok else 'refused'}: {answer.message}")
+    if not all(answer.ok for answer in answers):
+        raise typer.Exit(1)
 
 
 @config_app.command("show")
 def config_show(ctx: typer.Context) -> None:
     """Print the effective settings (secrets redacted) as JSON."""
-    typer.echo(json.dumps(_settings(ctx).redacted(), indent=2, sort_keys=True))
+    typer.echo(json.dumps(settings_from(ctx).redacted(), indent=2, sort_keys=True))
 
 
 def _mount_devices() -> None:
     from service.cli.devices import app as devices_app
+    from service.cli.rejected import app as rejected_app
 
     app.add_typer(devices_app, name="device")
     from service.cli.products import app as products_app
@@ -194,6 +272,7 @@ def _mount_devices() -> None:
     from service.cli.storage import app as storage_app
 
     app.add_typer(storage_app, name="storage")
+    app.add_typer(rejected_app, name="rejected")
 
 
 _mount_devices()
@@ -209,8 +288,14 @@ _mount_consume()
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="pointgate")
+    """Console-script entry point: the last net under every command, so nothing ends in a traceback."""
+    try:
+        app(prog_name="pointgate")
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as exc:  # a bug of ours: still one line, and the type so it can be reported
+        typer.echo(f"pointgate: error: unexpected {type(exc).__name__}: {exc}", err=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

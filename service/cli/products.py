@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 import asyncpg
 import typer
 
+from service.cli.common import ConfigOpt, DatabaseOpt, DataDirOpt, remember, settings_from
 from service.cli.devices import JsonOpt, _run
 from service.devices import activation
 from service.devices.secretbox import SecretBox
@@ -22,6 +23,14 @@ from service.errors import RegistryError
 app = typer.Typer(help="Product secrets and dynamic activation (secure mode 3).", no_args_is_help=True)
 
 ProductKey = Annotated[str, typer.Argument(help="the product key")]
+
+
+@app.callback()
+def product_options(
+    ctx: typer.Context, config: ConfigOpt = None, database_url: DatabaseOpt = None, data_dir: DataDirOpt = None
+) -> None:
+    """Product secrets and dynamic activation (secure mode 3)."""
+    remember(ctx, config=config, database_url=database_url, data_dir=data_dir)
 
 
 def _product_json(product: activation.Product) -> dict[str, object]:
@@ -52,13 +61,17 @@ def set_(
         typer.Option("--dynamic-activation", help="let registered devices activate with the product secret"),
     ] = None,
     as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+    data_dir: DataDirOpt = None,
 ) -> None:
     """Set a product's secret and/or its dynamic-activation policy (on needs a secret)."""
     if secret is None and not generate_secret and dynamic_activation is None:
         raise typer.BadParameter("give --secret, --generate-secret and/or --dynamic-activation on|off")
     policy = None if dynamic_activation is None else dynamic_activation == "on"
+    settings = settings_from(ctx, config=config, database_url=database_url, data_dir=data_dir)
     product, generated = _run(
-        ctx,
+        settings,
         lambda conn, box: activation.set_product(
             conn, box(), product_key, secret=secret, generate_secret=generate_secret, dynamic_activation=policy
         ),
@@ -72,8 +85,16 @@ def set_(
 
 
 @app.command()
-def show(ctx: typer.Context, product_key: ProductKey, as_json: JsonOpt = False) -> None:
+def show(
+    ctx: typer.Context,
+    product_key: ProductKey,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
     """Whether a product has a secret (never the secret itself) and whether dynamic activation is on."""
+    settings = settings_from(ctx, config=config, database_url=database_url, data_dir=data_dir)
 
     async def get(conn: asyncpg.Connection, _box: Callable[[], SecretBox]) -> activation.Product:
         product = await activation.get_product(conn, product_key)
@@ -81,5 +102,5 @@ def show(ctx: typer.Context, product_key: ProductKey, as_json: JsonOpt = False) 
             raise RegistryError(f"product {product_key} is not registered")
         return product
 
-    product = _run(ctx, get)
+    product = _run(settings, get)
     typer.echo(json.dumps(_product_json(product)) if as_json else _describe(product))

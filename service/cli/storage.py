@@ -11,14 +11,15 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import asyncpg
 import typer
 
-from service.errors import ConfigError, PointgateError
+from service.cli.common import ConfigOpt, DatabaseOpt, DataDirOpt, guard, remember, settings_from
+from service.errors import ConfigError
 from service.resources import migrations_dir
-from service.settings import Settings, format_duration, load_settings
+from service.settings import Settings, format_duration
 from service.storage import database
 from service.storage.migrate import pending_migrations
 from service.storage.partitions import (
@@ -45,10 +46,24 @@ class Report:
     latest_bytes: int
 
 
+@app.callback()
+def storage_options(
+    ctx: typer.Context, config: ConfigOpt = None, database_url: DatabaseOpt = None, data_dir: DataDirOpt = None
+) -> None:
+    """The points table: partitions, sizes, retention."""
+    remember(ctx, config=config, database_url=database_url, data_dir=data_dir)
+
+
 @app.command("status")
-def status_command(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+def status_command(
+    ctx: typer.Context,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    database_url: DatabaseOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
     """Show the partitions of the points table with their range, size on disk and estimated rows."""
-    settings = _settings(ctx)
+    settings = settings_from(ctx, config=config, database_url=database_url, data_dir=data_dir)
     policy = _policy(settings)
     report = _run(settings, lambda conn: _report(conn, policy))
     if as_json:
@@ -59,9 +74,11 @@ def status_command(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 
 @app.command("maintain")
-def maintain_command(ctx: typer.Context) -> None:
+def maintain_command(
+    ctx: typer.Context, config: ConfigOpt = None, database_url: DatabaseOpt = None, data_dir: DataDirOpt = None
+) -> None:
     """Create the partitions ahead and drop those past the retention, now (serve does it every 10 minutes)."""
-    settings = _settings(ctx)
+    settings = settings_from(ctx, config=config, database_url=database_url, data_dir=data_dir)
     policy = _policy(settings)
     created, dropped = _run(settings, lambda conn: maintain(conn, policy, int(time.time() * 1000)))
     for partition in created:
@@ -151,20 +168,8 @@ async def _report(conn: asyncpg.Connection, policy: Policy) -> Report:
     return Report(policy, partitions, series, latest["rows"], latest["bytes"])
 
 
-def _settings(ctx: typer.Context) -> Settings:
-    overrides: dict[str, Any] = dict(ctx.obj) if isinstance(ctx.obj, dict) else {}
-    config_file = overrides.pop("config", None)
-    try:
-        return load_settings(overrides, config_file=config_file)
-    except ConfigError as exc:
-        _fail(str(exc), code=2)
-
-
 def _policy(settings: Settings) -> Policy:
-    try:
-        return policy_from_settings(settings)
-    except ConfigError as exc:
-        _fail(str(exc), code=2)
+    return guard(lambda: policy_from_settings(settings))
 
 
 def _run(settings: Settings, operation: Any) -> Any:
@@ -178,16 +183,4 @@ def _run(settings: Settings, operation: Any) -> Any:
                 )
             return await operation(conn)
 
-    try:
-        return asyncio.run(run())
-    except ConfigError as exc:
-        _fail(str(exc), code=2)
-    except PointgateError as exc:
-        _fail(str(exc))
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        _fail(f"database: {exc}")
-
-
-def _fail(message: str, *, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+    return guard(lambda: asyncio.run(run()))

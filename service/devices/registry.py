@@ -13,7 +13,7 @@ from datetime import datetime
 import asyncpg
 
 from service.devices.secretbox import SecretBox, new_secret
-from service.errors import DeviceExists, DeviceNotFound, InvalidKey, TopologyRefused
+from service.errors import DeviceExists, DeviceInUse, DeviceNotFound, InvalidKey, TopologyRefused
 from service.protocol.signing import key_problem
 
 Executor = asyncpg.Connection | asyncpg.Pool
@@ -28,6 +28,10 @@ class Device:
     enabled: bool
     gateway: tuple[str, str] | None
     created_at: datetime
+    online: bool = False
+    last_seen: datetime | None = None
+    peer: str | None = None
+    client_id: str | None = None
 
 
 def check_key(what: str, key: str) -> None:
@@ -86,15 +90,24 @@ async def add_device(
     return secret
 
 
+# a session counts as online only while its `serve` keeps refreshing it (a killed serve cannot say goodbye)
+ONLINE_WITHIN_SECONDS = 90
+_COLUMNS = f"""
+    product_key, device_key, d.enabled, d.gateway_product_key, d.gateway_device_key, d.created_at,
+    coalesce(s.online AND s.last_seen > now() - interval '{ONLINE_WITHIN_SECONDS} seconds', false) AS online,
+    s.last_seen, s.peer, s.client_id
+"""
+
+
 async def list_devices(conn: Executor, *, product_key: str | None = None) -> list[Device]:
     """Registered devices, ordered by product then device key; only ``product_key``'s when given."""
     rows = await conn.fetch(
-        """
-        SELECT product_key, device_key, enabled, gateway_product_key, gateway_device_key, created_at
-        FROM devices
-        WHERE $1::text IS NULL OR product_key = $1
-        ORDER BY product_key, device_key
-        """,
+        f"""
+        SELECT {_COLUMNS}
+        FROM devices d LEFT JOIN device_sessions s USING (product_key, device_key)
+        WHERE $1::text IS NULL OR d.product_key = $1
+        ORDER BY d.product_key, d.device_key
+        """,  # noqa: S608 - _COLUMNS is a constant
         product_key,
     )
     return [_device(row) for row in rows]
@@ -103,10 +116,11 @@ async def list_devices(conn: Executor, *, product_key: str | None = None) -> lis
 async def get_device(conn: Executor, product_key: str, device_key: str) -> Device | None:
     """One registered device, or None."""
     row = await conn.fetchrow(
-        """
-        SELECT product_key, device_key, enabled, gateway_product_key, gateway_device_key, created_at
-        FROM devices WHERE product_key = $1 AND device_key = $2
-        """,
+        f"""
+        SELECT {_COLUMNS}
+        FROM devices d LEFT JOIN device_sessions s USING (product_key, device_key)
+        WHERE d.product_key = $1 AND d.device_key = $2
+        """,  # noqa: S608 - _COLUMNS is a constant
         product_key,
         device_key,
     )
@@ -121,7 +135,45 @@ def _device(row: asyncpg.Record) -> Device:
         enabled=row["enabled"],
         gateway=(gateway_pk, gateway_dk) if gateway_pk is not None else None,
         created_at=row["created_at"],
+        online=row["online"],
+        last_seen=row["last_seen"],
+        peer=row["peer"],
+        client_id=row["client_id"],
     )
+
+
+async def require_device(conn: Executor, product_key: str, device_key: str) -> Device:
+    """One registered device; raise `DeviceNotFound` if it is not registered."""
+    device = await get_device(conn, product_key, device_key)
+    if device is None:
+        raise DeviceNotFound(product_key, device_key)
+    return device
+
+
+async def delete_device(conn: asyncpg.Connection, product_key: str, device_key: str) -> None:
+    """Remove a device and its session row (its stored points stay); refuse while it is a gateway of others."""
+    try:
+        async with conn.transaction():
+            status = await conn.execute(
+                "DELETE FROM devices WHERE product_key = $1 AND device_key = $2", product_key, device_key
+            )
+            await conn.execute(
+                "DELETE FROM device_sessions WHERE product_key = $1 AND device_key = $2", product_key, device_key
+            )
+    except asyncpg.ForeignKeyViolationError:
+        raise DeviceInUse(
+            f"device {product_key}/{device_key} is the gateway of registered sub-devices; delete those first"
+        ) from None
+    if status != "DELETE 1":
+        raise DeviceNotFound(product_key, device_key)
+
+
+async def require_credentials(conn: Executor, box: SecretBox, product_key: str, device_key: str) -> tuple[str, bool]:
+    """``(secret, enabled)``; raise `DeviceNotFound` if the device is not registered."""
+    found = await get_credentials(conn, box, product_key, device_key)
+    if found is None:
+        raise DeviceNotFound(product_key, device_key)
+    return found
 
 
 async def set_enabled(conn: Executor, product_key: str, device_key: str, enabled: bool) -> None:

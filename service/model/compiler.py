@@ -51,7 +51,14 @@ def _number(data_type: str, limit: float, note: str) -> dict[str, Any]:
 def _keys(where: str, mapping: Mapping[str, Any], allowed: Sequence[str]) -> None:
     unknown = sorted(set(mapping) - set(allowed) - IGNORED_KEYS)
     if unknown:
-        raise ValueError(f"{where}: unknown key {quote(unknown[0])} (allowed: {', '.join(allowed)})")
+        raise ValueError(f"{where}: {unknown_keys(unknown, allowed)}")
+
+
+def unknown_keys(unknown: Sequence[str], allowed: Sequence[str]) -> str:
+    """Words for keys a model does not accept, listing every key it does (the descriptive ones included)."""
+    names = ", ".join(quote(key) for key in unknown)
+    everything = ", ".join([*allowed, *sorted(IGNORED_KEYS)])
+    return f"unknown key{'s' if len(unknown) > 1 else ''} {names} (allowed: {everything})"
 
 
 def _name(where: str, name: object, what: str = "identifier") -> str:

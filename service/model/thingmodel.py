@@ -23,7 +23,7 @@ from typing import Any, cast
 from jsonschema.protocols import Validator
 
 from service.errors import ModelError
-from service.model.compiler import IGNORED_KEYS, compile_event, compile_point
+from service.model.compiler import IGNORED_KEYS, compile_event, compile_point, unknown_keys
 from service.model.fasttest import fast_test
 from service.model.keywords import PointValidator
 from service.model.storable import name_problem, tree_problem
@@ -182,8 +182,34 @@ def _read(path: Path) -> object:
 
 
 def load_model(path: Path) -> ThingModel:
-    """Read and compile one model file; raises ModelError naming the file and the reason."""
-    return compile_model(_read(path), str(path))
+    """Read and compile one model file; raises ModelError naming the file and the (first) reason."""
+    model, problems = _load(path)
+    if problems:
+        raise problems[0]
+    assert model is not None
+    return model
+
+
+def model_problems(path: Path) -> list[ModelError]:
+    """Every problem of one model file: each bad measure point, not only the first."""
+    return _load(path)[1]
+
+
+def _load(path: Path) -> tuple[ThingModel | None, list[ModelError]]:
+    try:
+        return compile_model(_read(path), str(path)), []
+    except _Problems as found:
+        return None, found.problems
+    except ModelError as error:
+        return None, [error]
+
+
+class _Problems(ModelError):
+    """Every bad measure point of one model, raised once they have all been looked at (reads as the first)."""
+
+    def __init__(self, problems: list[ModelError]) -> None:
+        super().__init__(problems[0].path, problems[0].reason)
+        self.problems = problems
 
 
 def compile_model(document: object, where: str = "<model>") -> ThingModel:
@@ -192,7 +218,7 @@ def compile_model(document: object, where: str = "<model>") -> ThingModel:
         raise ModelError(where, "a thing model must be a JSON object")
     unknown = sorted(set(document) - set(_MODEL_KEYS) - IGNORED_KEYS)
     if unknown:
-        raise ModelError(where, f"unknown key {quote(unknown[0])} (allowed: {', '.join(_MODEL_KEYS)})")
+        raise ModelError(where, unknown_keys(unknown, _MODEL_KEYS))
     product_key = document.get("productKey")
     if problem := name_problem(product_key, "productKey"):
         raise ModelError(where, problem)
@@ -205,10 +231,17 @@ def compile_model(document: object, where: str = "<model>") -> ThingModel:
     if not isinstance(measurepoints, dict):
         raise ModelError(where, "measurepoints must be an object of identifier -> definition")
     points: dict[str, PointSpec] = {}
+    problems: list[ModelError] = []
     for identifier, definition in measurepoints.items():
-        data_type, has_quality, schema = compile_point(where, identifier, definition)
+        try:
+            data_type, has_quality, schema = compile_point(where, identifier, definition)
+        except ModelError as error:
+            problems.append(error)  # go on: `model check` names every bad point at once
+            continue
         validator = PointValidator(schema)
         points[identifier] = PointSpec(identifier, data_type, has_quality, schema, validator, fast_test(schema))
+    if problems:
+        raise _Problems(problems)
     return ThingModel(cast(str, product_key), validate, where, MappingProxyType(points), _events(document, where))
 
 
@@ -275,8 +308,11 @@ def check_paths(paths: Sequence[Path]) -> list[ModelError]:
         if path.resolve() in seen:  # a file named both alone and through its directory
             continue
         seen.add(path.resolve())
-        try:
-            _add(models, load_model(path))
-        except ModelError as error:
-            errors.append(error)
+        model, problems = _load(path)
+        errors.extend(problems)
+        if model is not None:
+            try:
+                _add(models, model)
+            except ModelError as error:
+                errors.append(error)
     return errors

@@ -1,9 +1,10 @@
-"""The ops HTTP endpoint: ``/livez``, ``/readyz`` and ``/metrics`` on a port separate from MQTT.
+"""The ops HTTP endpoint: ``/livez``, ``/readyz``, ``/metrics`` and the status page ``/``, apart from MQTT.
 
 Kubernetes semantics: ``/livez`` answers 200 as long as the event loop does (a failure means
 "restart me"); ``/readyz`` answers 200 only when every readiness check passes and the service is not
 draining (a failure means "send no new traffic here"), and 503 otherwise, with each check's result in
-a JSON body. Probes read the status code; the body is for the operator.
+a JSON body (plus ``notes``: things to look at that do not make the service unready). Probes read the status
+code; the body is for the operator.
 
 A check is an ``async`` callable returning ``None`` when healthy or a short reason string. Checks
 run concurrently, each under a timeout, so one hung dependency cannot hang the probe.
@@ -40,11 +41,15 @@ class OpsServer:
         check_timeout: float = 1.0,
         routes: Sequence[web.RouteDef] = (),
         render: Render = metrics.render,
+        notes: Callable[[], Mapping[str, str]] | None = None,
+        status_page: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None,
     ) -> None:
         self.host = host
         self._routes = list(routes)  # more endpoints on this listener (the broker auth endpoints)
         self.port = port
         self._checks = dict(checks)
+        self._notes = notes
+        self._status_page = status_page
         self._check_timeout = check_timeout
         self._render = render
         self._draining = False
@@ -62,6 +67,8 @@ class OpsServer:
                 *self._routes,
             ]
         )
+        if self._status_page is not None:
+            app.add_routes([web.get("/", self._status_page)])
         # No access log: probes and scrapes hit these every few seconds and would drown the real lines.
         # A short shutdown_timeout: a scrape in flight must not hold up the drain.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
@@ -103,9 +110,17 @@ class OpsServer:
             else:
                 _log.warning("not ready", failing=failing)
             self._was_ready = ready
-        if ready:
-            return web.json_response({"status": "ready", "checks": checks})
-        return web.json_response({"status": "not ready", "checks": checks}, status=503)
+        body: dict[str, object] = {"status": "ready" if ready else "not ready", "checks": checks}
+        notes = dict(self._notes()) if self._notes is not None else {}
+        if notes:
+            # worth an operator's attention but no reason to take traffic away (e.g. a refused model reload:
+            # the previous models keep working)
+            body["notes"] = notes
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def check_results(self) -> dict[str, str]:
+        """Every check's current result (for the status page)."""
+        return await run_checks(self._checks, self._check_timeout)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body, content_type = self._render()

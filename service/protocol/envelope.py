@@ -7,6 +7,7 @@ the payload had one, the request ``id`` so the reply can echo it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,36 @@ def decode_event(payload: bytes, topic: EventTopic, *, received_ms: int, max_byt
         detail = f"params.{name} must be an object of output parameters, got {json_type(values)}"
         raise DeviceFault(code, detail, request_id=request_id)
     return EventRequest(request_id, _time(params, received_ms, "params", code, request_id), values)
+
+
+PEEK_BYTES = 256  # how much of a request too large to read is looked at for its id
+
+# one top-level member of a JSON object whose value is a scalar: "key": "string" | number | true | false | null
+_MEMBER = re.compile(
+    rb'\s*"((?:[^"\\]|\\.)*)"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|true|false|null)\s*(,|\})'
+)
+
+
+def peek_id(prefix: bytes) -> Any:
+    """The request id from the first bytes of a payload too large to read whole, or None.
+
+    Only the top-level members before the first object or array are looked at (the SDKs send ``id`` first, and
+    ``allowOfflineSubDevice``-style flags are scalars), so a nested ``"id"`` is never taken for the request's.
+    """
+    start = prefix.find(b"{")
+    if start < 0 or prefix[:start].strip():
+        return None
+    pos = start + 1
+    while (member := _MEMBER.match(prefix, pos)) is not None:
+        if member.group(1) == b"id":
+            try:
+                return orjson.loads(member.group(2))
+            except orjson.JSONDecodeError:
+                return None
+        if member.group(3) == b"}":
+            return None
+        pos = member.end()
+    return None
 
 
 def decode(payload: bytes, topic: RequestTopic, *, received_ms: int, max_bytes: int) -> Request:

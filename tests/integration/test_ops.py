@@ -57,7 +57,7 @@ def test_readyz_names_each_check(service: RunningService) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{service.http_port}/readyz", timeout=3) as response:
         body = json.loads(response.read())
     assert response.status == 200
-    assert body == {"status": "ready", "checks": {"database": "ok", "migrations": "ok", "models": "ok"}}
+    assert body == {"status": "ready", "checks": {"database": "ok", "migrations": "ok", "models": "ok", "mqtt": "ok"}}
 
 
 def test_logs_say_where_it_listens_and_one_line_per_rejection(migrated_dsn: str, tmp_path: object) -> None:

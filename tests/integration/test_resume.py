@@ -103,8 +103,9 @@ def test_oversized_payload_gets_1008(start_service: Callable[..., RunningService
         reply = dev.request(TOPIC, big)
         assert reply["code"] == 1008 and reply["id"] == "123"
         huge = body(params={"measurepoints": {"branchCurr": ["x" * 1000] * 100}})  # beyond the packet limit too
+        huge["id"] = "456"
         reply = dev.request(TOPIC, huge, subscribe=False)
-        assert reply["code"] == 1008
+        assert reply["code"] == 1008 and reply["id"] == "456"  # skipped unread, yet its id is echoed
         assert dev.request(TOPIC, SAMPLE, subscribe=False)["code"] == 200  # the connection is still usable
     finally:
         dev.close()

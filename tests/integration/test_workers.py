@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +23,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.resources import schemas_dir
 from tests.integration.test_process import Pointgate
 from tests.support import Device, fetch, resume_topic
 
@@ -289,3 +292,51 @@ def test_take_over_across_workers(workers: Pointgate) -> None:
     assert crossed == 2, "the kernel never put the two connections on different workers"
     events = {line.get("event") for line in _log_lines(workers)}
     assert "client id connected on another worker, taking over" in events
+
+
+@pytest.mark.slow
+def test_status_page_and_sighup_reload_across_workers(migrated_dsn: str, tmp_path: Path) -> None:
+    """With workers, the supervisor's status page adds up every worker's devices and refusals, and SIGHUP reaches
+    every worker: a broken model set is refused by each (shown in /readyz notes), a fixed one reloaded by each."""
+    models = tmp_path / "models"
+    shutil.copytree(schemas_dir(), models)
+    process = Pointgate(migrated_dsn, tmp_path / "data", POINTGATE_WORKERS="2", POINTGATE_MODELS=str(models))
+    devices = [Device(process.mqtt_port, f"dev{n}") for n in range(16)]
+    try:
+        process.wait_until("/readyz", 200)
+        for device in devices:
+            assert device.connect() == 0
+        for n, device in enumerate(devices):
+            bad = {**REQUEST, "id": "b", "params": {"measurepoints": {"nope": 1}, "time": BASE_MS}}
+            assert device.request(resume_topic(dk=f"dev{n}"), bad)["code"] == 1204
+        assert all(count > 0 for count in _devices_per_worker(process).values())  # both refused some
+
+        def page_shows_everything() -> bool:
+            page = process.body("/")
+            row = re.search(r"<tr><td>1204</td><td>(\d+)</td>", page)
+            return '<td id="connected">16</td>' in page and row is not None and row.group(1) == "16"
+
+        _eventually(page_shows_everything, what="status page with 16 devices and 16 refusals")
+        assert "/dev" in process.body("/") and "nope" in process.body("/")  # the latest examples, merged
+
+        (models / "broken.json").write_text("{not json")
+        process.proc.send_signal(signal.SIGHUP)
+
+        def notes() -> dict[str, str]:
+            return dict(json.loads(process.body("/readyz")).get("notes", {}))
+
+        _eventually(lambda: len(notes()) == 2, what="both workers refusing the broken set")
+        assert sorted(notes()) == ["models_reload (worker 0)", "models_reload (worker 1)"]
+        assert all("broken.json" in note for note in notes().values())
+        assert process.status("/readyz") == 200  # the previous models keep working: no reason to drain
+        assert "broken.json" in process.body("/")
+
+        (models / "broken.json").unlink()
+        process.proc.send_signal(signal.SIGHUP)
+        _eventually(lambda: not notes(), what="both workers reloaded")
+        reloaded = [line for line in _log_lines(process) if line.get("event") == "thing models reloaded"]
+        assert sorted(line["worker"] for line in reloaded) == [0, 1]
+    finally:
+        for device in devices:
+            device.close()
+        _kill_all(process)

@@ -80,7 +80,7 @@ def test_status_on_an_unmigrated_database_says_what_to_do(pg_dsn: str, tmp_path:
     """Before `pointgate migrate`: exit 2 with one line naming the command to run, no traceback."""
     result = run(pg_dsn, tmp_path, "status")
     assert result.exit_code == 2
-    assert result.stderr.startswith("error: the schema is not current")
+    assert result.stderr.startswith("pointgate: error: the schema is not current")
     assert "run `pointgate migrate`" in result.stderr and "Traceback" not in result.output
 
 

@@ -133,3 +133,10 @@ async def test_oversized_request_gets_1008_with_a_null_id() -> None:
     assert sink.submitted == []
     assert [(r["id"], r["code"]) for r in ticket.replies] == [(None, 1008)]
     assert "9000" in ticket.replies[0]["message"]
+
+
+async def test_oversized_request_echoes_the_id_found_in_its_first_bytes() -> None:
+    sink, ticket = FakeSink(), FakeTicket()
+    ingest(sink).reject_oversize(topic(TOPIC), 9000, ticket, client_id="c", request_id="r-7")
+    assert [(r["id"], r["code"]) for r in ticket.replies] == [("r-7", 1008)]
+    assert "9000" in ticket.replies[0]["message"]

@@ -15,6 +15,7 @@ from service.protocol.envelope import (
     decode,
     decode_envelope,
     decode_event,
+    peek_id,
     request_id_of,
 )
 from service.protocol.replies import ReplyCode
@@ -222,3 +223,21 @@ def test_generic_envelope_returns_id_and_params_as_sent() -> None:
     assert decode_envelope(body, "thing.topo.get", max_bytes=LIMIT) == ("9", None)
     assert request_id_of(b'{"id": 3}') == 3
     assert [request_id_of(p) for p in (b"x", b"[]", b'{"id": [1]}', b'{"id": true}')] == [None] * 4
+
+
+@pytest.mark.parametrize(
+    ("prefix", "expected"),
+    [
+        (b'{"id": "123", "version": "1.0", "params": {"measurepoints": {', "123"),
+        (b'  {"allowOfflineSubDevice": true, "id": 7, "params": [', 7),  # scalar flags before it are skipped
+        (b'{"id":"a\\"b","method":"x"', 'a"b'),
+        (b'{"params": {"id": "nested"}, "id": "late"}', None),  # past an object: a nested id is never taken
+        (b'{"version": "1.0"}', None),
+        (b'garbage {"id": "1",', None),
+        (b'{"id": "12', None),  # cut inside the id: unknown, not a wrong id
+        (b"", None),
+    ],
+)
+def test_peek_id_finds_only_a_top_level_id_among_the_first_members(prefix: bytes, expected: object) -> None:
+    """A request too large to read is answered with the id from its first bytes, when it is plainly there."""
+    assert peek_id(prefix) == expected
