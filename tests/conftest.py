@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import tempfile
 import uuid
 from collections.abc import Coroutine, Iterator
@@ -28,6 +27,7 @@ import pytest
 from service.resources import migrations_dir
 from service.storage.embedded import EmbeddedPostgres
 from service.storage.migrate import apply_migrations
+from tests.support import free_port
 
 T = TypeVar("T")
 
@@ -70,13 +70,6 @@ async def _migrate(dsn: str) -> None:
         await conn.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[str]:
     """The admin DSN of the session's PostgreSQL."""
@@ -87,7 +80,7 @@ def pg_server() -> Iterator[str]:
     tmp = Path(tempfile.mkdtemp(prefix="pointgate-test-"))
     tmp.chmod(0o755)  # ours: as root, the PostgreSQL user must be able to enter it
     # on its socket and on a loopback TCP port too: a container on the host's network reaches it there
-    server = EmbeddedPostgres(tmp / "data", durable=False, port=_free_port())
+    server = EmbeddedPostgres(tmp / "data", durable=False, port=free_port())
     try:
         yield server.start()
     finally:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -179,3 +181,18 @@ class Device:
             self.client._thread_terminate = True
             thread.join(10)
             self.client._thread = None
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports nothing listens on right now (all held open while choosing, so two calls
+    in a row cannot hand out the same port twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
+def free_port() -> int:
+    """One loopback port nothing listens on right now."""
+    return free_ports(1)[0]

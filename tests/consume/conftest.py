@@ -28,16 +28,9 @@ import pytest
 from service.consume.service import ConsumeService
 from service.resources import schemas_dir
 from service.settings import Settings
+from tests.support import free_port
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def mosquitto_binary() -> str | None:

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.consume.conftest import Mosquitto, RunningConsumer, free_port
-from tests.support import SAMPLE, Device, fetch, resume_topic
+from tests.consume.conftest import Mosquitto, RunningConsumer
+from tests.support import SAMPLE, Device, fetch, free_port, resume_topic
 
 TOPIC = resume_topic()
 

@@ -21,8 +21,8 @@ import pytest
 
 from tests.container.conftest import PYTESTMARK, tcp_dsn
 from tests.container.podman import BaseImages, image_size, inspect, podman
-from tests.integration.test_process import Publisher, free_port, stored_indexes
-from tests.support import SAMPLE, Device, fetch, resume_topic
+from tests.integration.test_process import Publisher, stored_indexes
+from tests.support import SAMPLE, Device, fetch, free_port, free_ports, resume_topic
 
 pytestmark = PYTESTMARK
 
@@ -101,7 +101,8 @@ def start_embedded(image: str) -> Container:
 def start_on_host(image: str, database_url: str, *args: str) -> Container:
     """The image on the host's network with an external database, on free loopback ports."""
     name = f"pointgate-test-{uuid.uuid4().hex[:10]}"
-    container = Container(name, free_port(), free_port())
+    mqtt_port, http_port = free_ports(2)
+    container = Container(name, mqtt_port, http_port)
     podman(
         "run", "--detach", "--name", name, "--network", "host",
         "--env", f"POINTGATE_DATABASE_URL={database_url}",

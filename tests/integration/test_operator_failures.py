@@ -28,15 +28,9 @@ import pytest
 from service.resources import schemas_dir
 from service.storage.embedded import EmbeddedPostgres
 from tests.conftest import _run
+from tests.support import free_port, free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def pointgate(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -203,7 +197,7 @@ def test_an_edited_migration_stops_serve(migrated_dsn: str, tmp_path: Path) -> N
 def test_a_database_that_is_down_is_waited_for_and_readiness_names_the_host(tmp_path: Path, workers: str) -> None:
     """Refused connections are transient: serve starts, /readyz is 503 naming host:port and why (with workers, in
     each worker's check)."""
-    db_port, http_port = free_port(), free_port()
+    db_port, http_port = free_ports(2)
     env = {**os.environ, "POINTGATE_MODELS": str(schemas_dir()), "POINTGATE_LOG_FORMAT": "json"}
     args = [*serve_args(tmp_path, http=f"127.0.0.1:{http_port}"), "--workers", workers]
     dsn = f"postgresql://postgres@127.0.0.1:{db_port}/pointgate"

@@ -21,24 +21,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.resources import schemas_dir
-from tests.support import fetch, resume_topic
+from tests.support import fetch, free_port, free_ports, resume_topic
 
 TOPIC = resume_topic()
 BASE_MS = 1_750_000_000_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Pointgate:
     """`pointgate serve` in a subprocess."""
 
     def __init__(self, dsn: str, data_dir: Path, **env: str) -> None:
-        self.mqtt_port, self.http_port = free_port(), free_port()
+        self.mqtt_port, self.http_port = free_ports(2)
         environment = {
             **os.environ,
             "POINTGATE_DATABASE_URL": dsn,

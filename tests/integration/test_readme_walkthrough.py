@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.support import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -42,13 +43,6 @@ def readme_commands() -> list[tuple[str, str]]:
     return commands
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def adapt(command: str, mqtt_port: int) -> str:
     """The README's command for this machine: our venv, our MQTT port, optional [parts] left out."""
     command = re.sub(r"\s\[[^\]]*\]", "", command)
@@ -62,7 +56,7 @@ def test_the_readme_works_top_to_bottom(tmp_path: Path) -> None:
     """Every README command, in order, does what the README says (exit 0, or exit 1 where it says so)."""
     base = Path(tempfile.mkdtemp(prefix="pointgate-readme-"))
     base.chmod(0o755)  # as root, the embedded PostgreSQL's user must reach the data directory
-    mqtt_port, http_port = free_port(), free_port()
+    mqtt_port, http_port = free_ports(2)
     env = {
         **os.environ,
         "POINTGATE_DATA_DIR": str(base / "data"),

@@ -7,7 +7,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import pytest
 
 from service.errors import DatabaseError
 from service.storage.embedded import EmbeddedPostgres, find_bindir
+from tests.support import free_port
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="privilege drop only happens as root")
 Factory = Callable[..., EmbeddedPostgres]
@@ -94,12 +94,6 @@ def test_restart_keeps_data_and_is_fast(embedded: Factory) -> None:
     dsn = embedded().start()
     assert time.monotonic() - began < 1.5
     assert fetch(dsn, "SELECT to_regclass('kept')::text") == "kept"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_tcp_port_when_asked(embedded: Factory) -> None:
