@@ -220,6 +220,6 @@ def test_topo_refusals_are_one_line_and_change_nothing(env: dict[str, str], args
     assert run(env, "add", "pk", "mine", "--gateway", "pk/gw").exit_code == 0
     result = run(env, *args)
     assert result.exit_code == 1
-    assert result.stderr.strip() == f"error: {message}"
+    assert result.stderr.strip() == f"pointgate: error: {message}"
     assert run(env, "topo", "get", "pk/gw").stdout.splitlines() == ["pk/mine"]
     assert run(env, "topo", "get", "pk/gw2").stdout.splitlines() == ["pk/theirs"]

@@ -97,6 +97,9 @@ def serve(
     session_expiry: Annotated[
         float | None, typer.Option(help="Seconds a persistent session outlives its connection [86400].")
     ] = None,
+    max_sub_devices_per_gateway: Annotated[
+        int | None, typer.Option(help="Sub-devices one gateway connection may have logged in [200].")
+    ] = None,
     keep_rejected: Annotated[
         bool | None,
         typer.Option("--keep-rejected/--no-keep-rejected", help="Keep refused requests for `pointgate rejected` [on]."),
@@ -149,6 +152,7 @@ def serve(
         max_wildcard_subscriptions=max_wildcard_subscriptions,
         max_qos2_inflight=max_qos2_inflight,
         session_expiry=session_expiry,
+        max_sub_devices_per_gateway=max_sub_devices_per_gateway,
         keep_rejected=keep_rejected,
         rejected_payload_bytes=rejected_payload_bytes,
         rejected_max_count=rejected_max_count,
