@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from service.cli.main import app
-from service.devices.activation import activation_state
+from service.devices.activation import activation_state, mark_activated
 from service.devices.secretbox import SecretBox, load_or_create_key
 
 
@@ -83,3 +83,21 @@ def test_bad_requests_are_one_line_and_non_zero(env: dict[str, str], args: list[
     result = run(env, *args)
     assert result.exit_code == code and words in result.output
     assert stored_secret(env, "pk2") is None
+
+
+def test_device_show_says_whether_a_device_is_activated(env: dict[str, str]) -> None:
+    """A newly added device shows activatedAt null (secure mode 3 may still activate it); once activated, its time."""
+    assert CliRunner().invoke(app, ["device", "add", "pk1", "dk1"], env=env).exit_code == 0
+    shown = CliRunner().invoke(app, ["device", "show", "pk1", "dk1", "--json"], env=env)
+    assert json.loads(shown.stdout)["activatedAt"] is None
+
+    async def activate() -> None:
+        conn = await asyncpg.connect(env["POINTGATE_DATABASE_URL"])
+        try:
+            await mark_activated(conn, "pk1", "dk1")
+        finally:
+            await conn.close()
+
+    asyncio.run(activate())
+    shown = CliRunner().invoke(app, ["device", "show", "pk1", "dk1", "--json"], env=env)
+    assert json.loads(shown.stdout)["activatedAt"] is not None

@@ -146,7 +146,7 @@ def show(
     database_url: DatabaseOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """One device: enabled, gateway, connection state, last seen, peer address and client id."""
+    """One device: enabled, gateway, connection state, last seen, peer address, client id, activation time."""
     settings = settings_from(ctx, config=config, database_url=database_url, data_dir=data_dir)
     found = _run(settings, lambda conn, _box: devices.require_device(conn, product_key, device_key))
     shown = _device_json(found)
@@ -370,6 +370,7 @@ def _device_json(device: devices.Device) -> dict[str, Any]:
         "lastSeen": device.last_seen.isoformat() if device.last_seen else None,
         "peer": device.peer,
         "clientId": device.client_id,
+        "activatedAt": device.activated_at.isoformat() if device.activated_at else None,
     }
 
 

@@ -32,6 +32,8 @@ class Device:
     last_seen: datetime | None = None
     peer: str | None = None
     client_id: str | None = None
+    # None: registered but not activated yet (service/devices/activation.py): secure mode 3 may still activate it
+    activated_at: datetime | None = None
 
 
 def check_key(what: str, key: str) -> None:
@@ -95,7 +97,7 @@ ONLINE_WITHIN_SECONDS = 90
 _COLUMNS = f"""
     product_key, device_key, d.enabled, d.gateway_product_key, d.gateway_device_key, d.created_at,
     coalesce(s.online AND s.last_seen > now() - interval '{ONLINE_WITHIN_SECONDS} seconds', false) AS online,
-    s.last_seen, s.peer, s.client_id
+    s.last_seen, s.peer, s.client_id, d.activated_at
 """
 
 
@@ -139,6 +141,7 @@ def _device(row: asyncpg.Record) -> Device:
         last_seen=row["last_seen"],
         peer=row["peer"],
         client_id=row["client_id"],
+        activated_at=row["activated_at"],
     )
 
 
