@@ -241,6 +241,7 @@ class Connection(BrokerProtocolHandler):
         self._flushing = False  # inside data_received or _flush: whatever is queued is written at its end
         self._paused = False
         self._held = False  # paused because the writer is full (not because of this connection's own window)
+        self._draining = False  # shutting down: nothing more is read; what was taken is answered
         self._keep_alive = 0.0
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -705,9 +706,19 @@ class Connection(BrokerProtocolHandler):
 
     def resume(self) -> None:
         """The writer has room again: read on (if this connection's own window allows)."""
+        if self._draining:
+            return
         self._held = False
         if self._paused and not self.closing:
             self._flush()
+
+    def stop_reading(self) -> None:
+        """Shutdown: read nothing more from the device, so the drain only has to answer what was already taken
+        (what the device sent after it is neither acknowledged nor lost: the device sends it again)."""
+        if self.closing or self._draining:
+            return
+        self._draining = self._held = self._paused = True
+        self.transport.pause_reading()
 
     def _schedule_flush(self) -> None:
         if self._flush_handle is None and not self._flushing:
@@ -738,7 +749,8 @@ class Connection(BrokerProtocolHandler):
                 if ticket.packet_id is not None:
                     out.append(_ack(0x40, ticket.packet_id))
             if self._paused and not self._held and not self.closing and len(pending) < self.limits.max_inflight:
-                # room again: parse what is buffered (it may answer at once, and pause again)
+                # room again: parse what is buffered (it may answer at once, and pause again); while draining
+                # _held stays set, so nothing more is parsed
                 self._paused = False
                 self._process()
                 continue

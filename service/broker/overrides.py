@@ -699,11 +699,15 @@ class PointgateBroker(Broker):
         return port
 
     def stop_accepting(self) -> None:
-        """Close the listening sockets; connections already open stay until the broker shuts down."""
+        """Close the listening sockets and stop reading from the connections already open: they stay until the
+        broker shuts down, to receive the answers to what they sent before."""
         for server in self._servers.values():
             instance = getattr(server, "instance", None)
             if instance is not None:
                 instance.close()
+        for _, handler in self._sessions.values():
+            if isinstance(handler, Connection):
+                handler.stop_reading()
 
     def replies_pending(self) -> bool:
         """Whether replies are still on their way to a device."""

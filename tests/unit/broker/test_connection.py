@@ -213,3 +213,18 @@ async def test_a_full_writer_stops_reading_until_resumed() -> None:
     hub.full = False
     conn.resume()
     assert len(hub.ingest.tickets) == 2 and not transport.paused
+
+
+async def test_a_draining_connection_answers_what_it_took_and_reads_nothing_more() -> None:
+    """stop_reading (shutdown): requests already taken are answered and acknowledged; later bytes are not parsed,
+    whatever frees the window or the writer."""
+    conn, hub, transport = connection()
+    conn.data_received(publish(REQUEST, b"ok", 1))
+    conn.stop_reading()
+    assert transport.paused
+    conn.data_received(publish(REQUEST, b"ok", 2))  # already in flight from the device
+    conn.resume()  # the writer has room again: still nothing more is read
+    hub.ingest.tickets[0].answer(b"r1")
+    conn._flush()
+    assert len(hub.ingest.tickets) == 1 and transport.paused
+    assert summary(b"".join(transport.writes)) == ["reply r1", "puback 1"]
