@@ -107,38 +107,10 @@ def peek_id(prefix: bytes) -> Any:
 
 def decode(payload: bytes, topic: RequestTopic, *, received_ms: int, max_bytes: int) -> Request:
     """Check the envelope of ``payload`` published on ``topic``; raise `DeviceFault` on the first problem."""
-    if not payload:
-        raise DeviceFault(ReplyCode.PAYLOAD_EMPTY)
-    error: orjson.JSONDecodeError | None = None
-    try:
-        body = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        body, error = None, exc
-    if replies.is_too_large(len(payload), max_bytes):
-        # it was read anyway (it fit in a packet), so the reply can still echo its id
-        request_id = body.get("id") if isinstance(body, dict) else None
-        detail = replies.too_large_detail(len(payload), max_bytes)
-        raise DeviceFault(ReplyCode.MESSAGE_TOO_LARGE, detail, request_id=request_id)
-    if error is not None:
-        raise DeviceFault(ReplyCode.PAYLOAD_FORMAT_ERROR, f"payload is not valid JSON ({error})")
-    if not isinstance(body, dict):
-        raise DeviceFault(ReplyCode.PAYLOAD_FORMAT_ERROR, "payload is not a JSON object")
-
-    request_id = body.get("id")
+    body, request_id = _open(payload, topic.method, max_bytes)
 
     def refuse(code: ReplyCode, detail: str) -> DeviceFault:
         return DeviceFault(code, detail, request_id=request_id)
-
-    if request_id is not None and (not isinstance(request_id, str | int) or isinstance(request_id, bool)):
-        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"id must be a string, got {json_type(request_id)}")
-    version = body.get("version")
-    if version is not None and version not in VERSIONS:
-        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f'version must be "1.0" or "1.1", got {show(version)}')
-    method = body.get("method")
-    if not isinstance(method, str):
-        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"method must be a string, got {json_type(method)}")
-    if method != topic.method:
-        raise refuse(ReplyCode.METHOD_MISMATCH, f"method {method!r} does not match topic, expected {topic.method!r}")
 
     params = body.get("params")
     if not topic.batch:
@@ -165,11 +137,10 @@ def decode(payload: bytes, topic: RequestTopic, *, received_ms: int, max_bytes: 
 
 
 def _open(payload: bytes, expected: str, max_bytes: int, alias: str = "") -> tuple[dict[str, Any], Any]:
-    """The JSON object of an event post and its ``id``, the envelope fields every request has checked.
+    """The JSON object of a request and its ``id``, after the envelope checks every request shares.
 
-    ``method`` must be ``expected`` (or ``alias``, a known SDK misspelling of it, when given). The same checks as
-    the start of `decode`, which keeps them inline: the measurement-point path pays no extra call for events.
-    tests/unit/protocol/test_envelope.py holds the two to the same codes and words.
+    1251 empty, 1008 too large (echoing the id when the payload parses), 1220 not a JSON object or an envelope
+    field of the wrong type, 1260 ``method`` not ``expected`` (nor ``alias``, a known SDK misspelling, when given).
     """
     if not payload:
         raise DeviceFault(ReplyCode.PAYLOAD_EMPTY)
@@ -269,34 +240,7 @@ def decode_envelope(payload: bytes, method: str, *, max_bytes: int) -> tuple[Any
     JSON object or an envelope field of the wrong type, 1260 ``method`` not the topic's. ``params`` is returned as
     sent (None when absent) for the request's own parser to check.
     """
-    if not payload:
-        raise DeviceFault(ReplyCode.PAYLOAD_EMPTY)
-    try:
-        body = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        if replies.is_too_large(len(payload), max_bytes):
-            raise DeviceFault(ReplyCode.MESSAGE_TOO_LARGE, replies.too_large_detail(len(payload), max_bytes)) from None
-        raise DeviceFault(ReplyCode.PAYLOAD_FORMAT_ERROR, f"payload is not valid JSON ({exc})") from None
-    request_id = body.get("id") if isinstance(body, dict) else None
-    if replies.is_too_large(len(payload), max_bytes):
-        detail = replies.too_large_detail(len(payload), max_bytes)
-        raise DeviceFault(ReplyCode.MESSAGE_TOO_LARGE, detail, request_id=request_id)
-    if not isinstance(body, dict):
-        raise DeviceFault(ReplyCode.PAYLOAD_FORMAT_ERROR, "payload is not a JSON object")
-
-    def refuse(code: ReplyCode, detail: str) -> DeviceFault:
-        return DeviceFault(code, detail, request_id=request_id)
-
-    if request_id is not None and (not isinstance(request_id, str | int) or isinstance(request_id, bool)):
-        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"id must be a string, got {json_type(request_id)}")
-    version = body.get("version")
-    if version is not None and version not in VERSIONS:
-        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f'version must be "1.0" or "1.1", got {show(version)}')
-    sent = body.get("method")
-    if not isinstance(sent, str):
-        raise refuse(ReplyCode.PAYLOAD_FORMAT_ERROR, f"method must be a string, got {json_type(sent)}")
-    if sent != method:
-        raise refuse(ReplyCode.METHOD_MISMATCH, f"method {sent!r} does not match topic, expected {method!r}")
+    body, request_id = _open(payload, method, max_bytes)
     return request_id, body.get("params")
 
 
