@@ -25,6 +25,7 @@ DatabaseOpt = Annotated[
     str | None, typer.Option("--database-url", help="PostgreSQL DSN; unset: embedded PostgreSQL under --data-dir.")
 ]
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Where the embedded database and keys live.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

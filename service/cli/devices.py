@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 import asyncpg
 import typer
 
-from service.cli.common import ConfigOpt, DatabaseOpt, DataDirOpt, guard, remember, settings_from, warn
+from service.cli.common import ConfigOpt, DatabaseOpt, DataDirOpt, JsonOpt, guard, remember, settings_from, warn
 from service.devices import registry as devices
 from service.devices.secretbox import SecretBox, key_path, load_or_create_key
 from service.errors import DeviceNotFound
@@ -35,7 +35,6 @@ app = typer.Typer(help="Register devices, see who is connected, manage their sec
 ProductKey = Annotated[str, typer.Argument(help="the device's product key")]
 DeviceKey = Annotated[str, typer.Argument(help="the device key")]
 SecretOpt = Annotated[str | None, typer.Option("--secret", help="use this secret instead of generating one")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 
 @app.callback()

@@ -14,8 +14,8 @@ from typing import Annotated, Literal
 import asyncpg
 import typer
 
-from service.cli.common import ConfigOpt, DatabaseOpt, DataDirOpt, remember, settings_from
-from service.cli.devices import JsonOpt, _run
+from service.cli.common import ConfigOpt, DatabaseOpt, DataDirOpt, JsonOpt, remember, settings_from
+from service.cli.devices import _run
 from service.devices import activation
 from service.devices.secretbox import SecretBox
 from service.errors import RegistryError

@@ -18,7 +18,7 @@ from typing import Annotated, Any, TypeVar
 import asyncpg
 import typer
 
-from service.cli.common import ConfigOpt, DatabaseOpt, DataDirOpt, fail, guard, remember, settings_from
+from service.cli.common import ConfigOpt, DatabaseOpt, DataDirOpt, JsonOpt, fail, guard, remember, settings_from
 from service.ops import rejected as kept_store
 from service.resources import migrations_dir
 from service.settings import Settings
@@ -28,7 +28,6 @@ from service.storage.migrate import apply_migrations
 T = TypeVar("T")
 
 app = typer.Typer(help="Refused requests kept by serve: list, show, replay.", no_args_is_help=True)
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 
 @app.callback()

@@ -11,12 +11,12 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 import asyncpg
 import typer
 
-from service.cli.common import ConfigOpt, DatabaseOpt, DataDirOpt, guard, remember, settings_from
+from service.cli.common import ConfigOpt, DatabaseOpt, DataDirOpt, JsonOpt, guard, remember, settings_from
 from service.errors import ConfigError
 from service.resources import migrations_dir
 from service.settings import Settings, format_duration
@@ -32,7 +32,6 @@ from service.storage.partitions import (
 )
 
 app = typer.Typer(help="The points table: partitions, sizes, retention.", no_args_is_help=True)
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 
 @dataclass(frozen=True)
