@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -310,9 +309,10 @@ class Service:
 
         async def run() -> None:
             ok, message = await self.reload_models()
-            if self._pool is not None:
+            if self._pool is not None and self.presence is not None:
+                instance = self.presence.instance  # the same host:pid the device sessions name
                 answer = json.dumps(
-                    {"request": payload, "instance": _instance(), "ok": ok, "message": message}, sort_keys=True
+                    {"request": payload, "instance": instance, "ok": ok, "message": message}, sort_keys=True
                 )
                 with contextlib.suppress(Exception):
                     await self._pool.execute("SELECT pg_notify($1, $2)", RELOAD_RESULT_CHANNEL, answer)
@@ -483,10 +483,6 @@ async def _migrate_when_reachable(dsn: str, state: State) -> None:
             log.warning("database not ready, retrying", reason=reason, every_s=_DB_RETRY_SECONDS)
             last = reason
         await asyncio.sleep(_DB_RETRY_SECONDS)
-
-
-def _instance() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 async def listen(start: Awaitable[None], settings: Settings) -> None:
