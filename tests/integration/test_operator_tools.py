@@ -3,6 +3,7 @@ models reloaded live, and the status page in a real headless browser."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -79,7 +80,13 @@ def device(service: RunningService) -> Any:
 
 @pytest.fixture
 def service(start_service: Callable[..., RunningService], models: Path) -> RunningService:
-    return start_service(models=models)
+    """A service on our own models directory, listening for `model reload` (a NOTIFY sent before its LISTEN is
+    lost: the command would rightly say that no serve answered)."""
+    running = start_service(models=models)
+    presence = running.service.presence
+    assert presence is not None
+    running.call(asyncio.wait_for(presence.listening.wait(), 10))
+    return running
 
 
 def test_refused_requests_are_kept_listed_shown_and_replayed(
